@@ -1,0 +1,1 @@
+"""encoders part of omnivox (imported as omnivox.encoders)."""

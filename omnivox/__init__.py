@@ -1,0 +1,1 @@
+"""omnivox: streaming runtime for Thinker-Talker omni models."""

@@ -1,0 +1,1 @@
+"""streaming part of omnivox (imported as omnivox.streaming)."""

@@ -1,0 +1,1 @@
+"""talker part of omnivox (imported as omnivox.talker)."""

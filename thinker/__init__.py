@@ -1,0 +1,1 @@
+"""thinker part of omnivox (imported as omnivox.thinker)."""
