@@ -1,0 +1,313 @@
+"""The Thinker: a Qwen2.5 decoder with multimodal RoPE over a static, position-indexed KV cache.
+
+What is notable here:
+- Multimodal RoPE (the reference's `apply_multimodal_rotary_pos_emb`): positions come as (3, B, T) ids for the
+  (temporal, height, width) axes; the rotary half-dimension is split by `mrope_section` and chunk i takes its
+  angles from axis i % 3. We compute only the angles each chunk needs (no (3, B, T, D) table), in fp32 like the
+  reference, and cast to the activation dtype before rotating.
+- `KVCache` is preallocated (L, B, Hkv, S_max, D) and written by slice assignment at `cache.length`; `prefill` may
+  be called many times in a row (streaming input, multi-turn chats) and `truncate` rolls the cache back (barge-in,
+  conversation edits) without copying.
+- Masks: a first chunk uses SDPA's own causal path, a later chunk gets a small (T, S) boolean mask (causal inside
+  the chunk, full view of the prefix), and a decode step (T == 1) needs none. GQA decode folds the query groups
+  into the query-length axis, so SDPA reads each K/V head once with no expanded copy.
+- `inv_freq` is a non-persistent fp32 buffer that stays fp32 when the module is cast to bf16 (`_apply`), as the
+  reference's does when loaded in bf16.
+- `TextDecoder` knows nothing of the vocabulary head, so the Talker reuses it as-is (its `embed_tokens` width
+  `embedding_size` differs from `hidden_size`; the Talker projects embeddings itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from omnivox.thinker.config import DecoderConfig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values for every layer; positions [0, length) are valid."""
+    k: Tensor  # (L, B, Hkv, S_max, D)
+    v: Tensor  # (L, B, Hkv, S_max, D)
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, cfg: DecoderConfig, batch: int, max_len: int, device=None,
+                 dtype: torch.dtype = torch.float32) -> "KVCache":
+        if batch < 1 or max_len < 1:
+            raise ValueError(f"KVCache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n positions; later writes overwrite the rest."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a KV cache of length {self.length} to {n}")
+        self.length = n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary embedding
+
+
+def rope_inv_freq(cfg: DecoderConfig, device=None) -> Tensor:
+    """(D/2,) fp32 inverse frequencies, computed exactly like the reference's default RoPE."""
+    exponent = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim
+    return 1.0 / (cfg.rope_theta ** exponent)  # (D/2,)
+
+
+def rope_cos_sin(inv_freq: Tensor, mrope_section, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """position_ids (3, B, T) -> fp32 cos, sin (B, T, D); chunk i of the half dimension reads axis i % 3."""
+    if position_ids.dim() != 3 or position_ids.shape[0] != 3:
+        raise ValueError(f"position_ids must have shape (3, B, T), got {tuple(position_ids.shape)}")
+    pos = position_ids.to(torch.float32)  # (3, B, T)
+    parts = []
+    start = 0
+    for i, n in enumerate(mrope_section):
+        if n:
+            parts.append(pos[i % 3, :, :, None] * inv_freq[start:start + n])  # (B, T, n)
+        start += n
+    freqs = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos(), emb.sin()
+
+
+def text_positions(start: int, length: int, batch: int = 1, device=None) -> Tensor:
+    """(3, B, T) position ids for plain text: start, start+1, ... on all three axes."""
+    ids = torch.arange(start, start + length, dtype=torch.long, device=device)  # (T,)
+    return ids.view(1, 1, length).expand(3, batch, length)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _chunk_mask(t: int, start: int, device) -> Tensor:
+    """(T, start+T) bool: query i (absolute position start+i) sees keys 0..start+i."""
+    keys = torch.arange(start + t, device=device)  # (S,)
+    queries = torch.arange(start, start + t, device=device)  # (T,)
+    return keys[None, :] <= queries[:, None]  # (T, S)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise ValueError(f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}")
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.groups = cfg.num_heads // cfg.num_kv_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer_idx: int) -> Tensor:
+        b, t, _ = x.shape
+        d = self.head_dim
+        q = self.q_proj(x).view(b, t, self.num_heads, d).transpose(1, 2)  # (B, Hq, T, D)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, d).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, d).transpose(1, 2)  # (B, Hkv, T, D)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+
+        start = cache.length
+        end = start + t
+        cache.k[layer_idx, :, :, start:end] = k
+        cache.v[layer_idx, :, :, start:end] = v
+        keys = cache.k[layer_idx, :, :, :end]  # (B, Hkv, S, D)
+        values = cache.v[layer_idx, :, :, :end]  # (B, Hkv, S, D)
+
+        if t == 1:
+            # decode: no mask; the query groups of one K/V head become rows of one query block
+            q = q.reshape(b, self.num_kv_heads, self.groups, d)  # (B, Hkv, G, D)
+            out = F.scaled_dot_product_attention(q, keys, values)  # (B, Hkv, G, D)
+            out = out.reshape(b, 1, self.num_heads * d)  # (B, 1, Hq*D)
+        else:
+            if start == 0:
+                out = F.scaled_dot_product_attention(q, keys, values, is_causal=True,
+                                                     enable_gqa=self.groups > 1)  # (B, Hq, T, D)
+            else:
+                mask = _chunk_mask(t, start, x.device)  # (T, S)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                     enable_gqa=self.groups > 1)  # (B, Hq, T, D)
+            out = out.transpose(1, 2).reshape(b, t, self.num_heads * d)  # (B, T, Hq*D)
+        return self.o_proj(out)  # (B, T, H)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer_idx: int) -> Tensor:
+        """x (B, T, H); writes this layer's K/V at cache.length..+T (the caller advances cache.length)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))  # (B, T, H)
+
+
+class TextDecoder(nn.Module):
+    """Embedding table + decoder layers + final norm (the reference's ThinkerTextModel / TalkerModel body)."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embedding_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mrope_section = tuple(cfg.mrope_section)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (D/2,) fp32
+
+    def _apply(self, fn, recurse=True):
+        # keep the RoPE table fp32 (and real, after to_empty) whatever dtype/device the weights move to
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.cfg, device=self.inv_freq.device)
+        return self
+
+    def forward(self, inputs_embeds: Tensor, position_ids: Tensor, cache: KVCache) -> Tensor:
+        """inputs_embeds (B, T, H), position_ids (3, B, T) -> hidden after the final norm (B, T, H).
+
+        Appends T positions to the cache and advances cache.length by T.
+        """
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"inputs_embeds must be (B, T, {self.cfg.hidden_size}), got {tuple(inputs_embeds.shape)}")
+        b, t, _ = inputs_embeds.shape
+        if t == 0:
+            raise ValueError("inputs_embeds has no positions (T == 0)")
+        if tuple(position_ids.shape) != (3, b, t):
+            raise ValueError(f"position_ids must be (3, {b}, {t}), got {tuple(position_ids.shape)}")
+        if b != cache.batch:
+            raise ValueError(f"batch {b} does not match the KV cache's batch {cache.batch}")
+        if cache.length + t > cache.max_len:
+            raise ValueError(f"KV cache full: {cache.length} + {t} positions exceed max_len {cache.max_len}")
+        cos, sin = rope_cos_sin(self.inv_freq, self.mrope_section, position_ids)  # (B, T, D) fp32
+        cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
+        x = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i)  # (B, T, H)
+        cache.length += t
+        return self.norm(x)  # (B, T, H)
+
+
+class Thinker(nn.Module):
+    """Text decoder + vocabulary head, with the encoders attached under the checkpoint's names."""
+
+    def __init__(self, cfg: DecoderConfig, audio_tower: nn.Module | None = None, visual: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.embedding_size != cfg.hidden_size:
+            raise ValueError(f"the Thinker's embedding_size ({cfg.embedding_size}) must equal hidden_size "
+                             f"({cfg.hidden_size})")
+        if audio_tower is not None:
+            self.audio_tower = audio_tower
+        if visual is not None:
+            self.visual = visual
+        self.model = TextDecoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+            # the checkpoint stores only the embedding: fill lm_head from it on load, leave it out of state_dict
+            self.register_load_state_dict_pre_hook(_fill_tied_head)
+            self.register_load_state_dict_post_hook(_retie_head)
+            self.register_state_dict_post_hook(_drop_tied_head)
+
+
+def _fill_tied_head(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                    error_msgs) -> None:
+    emb = state_dict.get(prefix + "model.embed_tokens.weight")
+    if emb is not None and prefix + "lm_head.weight" not in state_dict:
+        state_dict[prefix + "lm_head.weight"] = emb
+
+
+def _retie_head(module, incompatible_keys) -> None:
+    module.lm_head.weight = module.model.embed_tokens.weight  # load_state_dict(assign=True) would untie them
+
+
+def _drop_tied_head(module, state_dict, prefix, local_metadata) -> None:
+    state_dict.pop(prefix + "lm_head.weight", None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prefill / decode
+
+
+def embed(thinker: Thinker, input_ids: Tensor) -> Tensor:
+    """input_ids (B, T) long -> token embeddings (B, T, H)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, T), got {tuple(input_ids.shape)}")
+    return thinker.model.embed_tokens(input_ids)  # (B, T, H)
+
+
+@torch.no_grad()
+def prefill(thinker: Thinker, cache: KVCache, inputs_embeds: Tensor, position_ids: Tensor,
+            last_only: bool = True) -> tuple[Tensor, Tensor]:
+    """Append a chunk of T positions -> (logits (B, V) of the last position, or (B, T, V); hidden (B, T, H)).
+
+    Calling it chunk by chunk gives the same result as one call over the whole prompt.
+    """
+    hidden = thinker.model(inputs_embeds, position_ids, cache)  # (B, T, H)
+    logits = thinker.lm_head(hidden[:, -1] if last_only else hidden)  # (B, V) or (B, T, V)
+    return logits, hidden
+
+
+@torch.no_grad()
+def decode_step(thinker: Thinker, cache: KVCache, token_ids: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """token_ids (B,) long, position_ids (3, B, 1) -> (logits (B, V), hidden (B, H))."""
+    if token_ids.dim() != 1:
+        raise ValueError(f"token_ids must be (B,), got {tuple(token_ids.shape)}")
+    x = thinker.model.embed_tokens(token_ids[:, None])  # (B, 1, H)
+    hidden = thinker.model(x, position_ids, cache)[:, 0]  # (B, H)
+    return thinker.lm_head(hidden), hidden  # (B, V), (B, H)
