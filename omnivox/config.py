@@ -43,6 +43,7 @@ class OmniConfig:
     dtype: str = "float32"                 # dtype the weights were saved in (torch_dtype / dtype)
     enable_audio_output: bool = True
     eos_token_ids: tuple[int, ...] = ()    # from generation_config.json when present
+    generation: dict = field(default_factory=dict, compare=False)  # generation_config.json (sampling defaults)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -84,7 +85,7 @@ class OmniConfig:
             audio=thinker.get("audio_config") or {}, vision=thinker.get("vision_config") or {},
             talker=cfg.get("talker_config"), token2wav=cfg.get("token2wav_config"),
             dtype=str(dtype), enable_audio_output=bool(cfg.get("enable_audio_output", True)),
-            eos_token_ids=eos, raw=cfg,
+            eos_token_ids=eos, generation=dict(generation or {}), raw=cfg,
         )
 
     @classmethod

@@ -1,0 +1,166 @@
+"""`omnivox` command line: `ask` (one turn, streamed to stdout) and `bench` (ours vs the reference).
+
+Every user-facing failure (bad checkpoint, bad input, bad option) prints one line on stderr and exits with 2.
+Set OMNIVOX_DEBUG=1 to get tracebacks for unexpected internal errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-Omni-3B"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="omnivox", description="Streaming runtime for Qwen2.5-Omni.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="answer one message, streaming the text as it is generated")
+    ask.add_argument("--model", default=DEFAULT_MODEL,
+                     help=f"checkpoint directory or Hugging Face hub id (default {DEFAULT_MODEL})")
+    ask.add_argument("--text", required=True, help="the user's message")
+    ask.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
+    ask.add_argument("--max-new-tokens", type=_positive_int, default=512)
+    mode = ask.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="argmax decoding everywhere (deterministic)")
+    mode.add_argument("--temperature", type=float, default=None)
+    ask.add_argument("--top-p", type=float, default=None)
+    ask.add_argument("--top-k", type=int, default=None)
+    ask.add_argument("--repetition-penalty", type=float, default=None)
+    ask.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible runs)")
+    ask.add_argument("--no-audio", action="store_true", help="text only: skip the Talker and token2wav weights")
+    ask.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    ask.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    ask.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="weights dtype (auto: checkpoint dtype on GPU, float32 on CPU)")
+
+    bench = sub.add_parser("bench", help="benchmarks: ours vs the reference implementation, side by side")
+    bench.add_argument("what", choices=["thinker"], help="which benchmark")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark (see --help)")
+    return p
+
+
+def _sampling(args, generation: dict):
+    from omnivox.streaming.pipeline import default_sampling
+    from omnivox.thinker.sampling import SamplingParams
+
+    if args.greedy:
+        return SamplingParams(greedy=True, seed=args.seed)
+    base = default_sampling(generation)
+    explicit = any(v is not None for v in (args.temperature, args.top_p, args.top_k, args.repetition_penalty))
+    if base.greedy and not explicit:
+        return SamplingParams(greedy=True, seed=args.seed)
+    neutral = base.greedy  # the checkpoint says greedy but the user asked for sampling: start from neutral values
+    return SamplingParams(
+        greedy=False,
+        temperature=args.temperature if args.temperature is not None else (1.0 if neutral else base.temperature),
+        top_k=args.top_k if args.top_k is not None else (0 if neutral else base.top_k),
+        top_p=args.top_p if args.top_p is not None else (1.0 if neutral else base.top_p),
+        repetition_penalty=args.repetition_penalty if args.repetition_penalty is not None
+        else (1.0 if neutral else base.repetition_penalty),
+        seed=args.seed,
+    )
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but no CUDA GPU is available")
+    return name
+
+
+def cmd_ask(args) -> int:
+    from omnivox.model import load
+    from omnivox.streaming.pipeline import Done, GenerationOptions, TextDelta, generate, user_messages
+
+    omni = load(args.model, device=_device(args.device), dtype=args.dtype, audio=not args.no_audio)
+    sampling = _sampling(args, omni.config.generation)
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, sampling=sampling)
+    done = None
+    for event in generate(omni, user_messages(args.text, args.system), options):
+        if isinstance(event, TextDelta) and not args.json:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        elif isinstance(event, Done):
+            done = event
+    if args.json:
+        out = {
+            "text": done.text,
+            "token_ids": done.token_ids,
+            "finish_reason": done.finish_reason,
+            "prompt_tokens": done.prompt_tokens,
+            "timings": {"load_s": round(omni.load_s, 3), **done.timings},
+        }
+        sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_bench(args) -> int:
+    # Benchmarks import the reference implementation (a test-only dependency), so they live in the source
+    # checkout's benchmarks/ folder rather than in the runtime package.
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{args.what}.py"
+    if not script.is_file():
+        raise ValueError(f"benchmark script {script} not found: benchmarks run from a source checkout "
+                         "(pip install -e '.[test]')")
+    sys.argv = [str(script), *args.rest]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from omnivox.errors import OmnivoxError
+
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "ask":
+            return cmd_ask(args)
+        if args.command == "bench":
+            return cmd_bench(args)
+    except (OmnivoxError, ValueError) as e:
+        print(f"omnivox: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("omnivox: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # unexpected: say so in one line, keep the traceback for OMNIVOX_DEBUG=1
+        if os.environ.get("OMNIVOX_DEBUG"):
+            raise
+        print(f"omnivox: internal error: {type(e).__name__}: {e} (set OMNIVOX_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
