@@ -224,7 +224,8 @@ def make_speakers(out: Path, config, ids: dict[str, int], seed: int = 0):
     spk = {}
     for i, name in enumerate(["Chelsie", "Ethan"]):
         spk[name] = {
-            "bos_token": 2148 + i,  # codec ids (< talker vocab), as in the official spk_dict
+            # the Talker embeds this id with the Thinker's table (151870/151872 in the official spk_dict)
+            "bos_token": 200 + i,
             "cond": torch.randn(1, cond_dim, generator=g),
             "ref_mel": torch.randn(1, 400, mel_dim, generator=g) * 0.5 - 4.0,
         }
