@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"checkpoint directory or Hugging Face hub id (default {DEFAULT_MODEL})")
     ask.add_argument("--text", required=True, help="the user's message")
     ask.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
+    ask.add_argument("--audio", action="append", default=[], metavar="FILE", help="audio file (repeatable)")
+    ask.add_argument("--image", action="append", default=[], metavar="FILE", help="image file (repeatable)")
+    ask.add_argument("--video", action="append", default=[], metavar="FILE", help="video file (repeatable)")
+    ask.add_argument("--use-audio-in-video", action="store_true",
+                     help="also listen to the videos' audio tracks (interleaved with the frames)")
     ask.add_argument("--max-new-tokens", type=_positive_int, default=512)
     mode = ask.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="argmax decoding everywhere (deterministic)")
@@ -93,11 +98,21 @@ def cmd_ask(args) -> int:
     from omnivox.model import load
     from omnivox.streaming.pipeline import Done, GenerationOptions, TextDelta, generate, user_messages
 
+    from omnivox.errors import InputError
+
+    for kind, paths in (("audio", args.audio), ("image", args.image), ("video", args.video)):
+        for path in paths:
+            if not os.path.isfile(path):
+                raise InputError(f"{kind} file {path} does not exist")
+    if args.use_audio_in_video and not args.video:
+        raise InputError("--use-audio-in-video needs at least one --video")
     omni = load(args.model, device=_device(args.device), dtype=args.dtype, audio=not args.no_audio)
     sampling = _sampling(args, omni.config.generation)
-    options = GenerationOptions(max_new_tokens=args.max_new_tokens, sampling=sampling)
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                use_audio_in_video=args.use_audio_in_video)
+    messages = user_messages(args.text, args.system, audios=args.audio, images=args.image, videos=args.video)
     done = None
-    for event in generate(omni, user_messages(args.text, args.system), options):
+    for event in generate(omni, messages, options):
         if isinstance(event, TextDelta) and not args.json:
             sys.stdout.write(event.text)
             sys.stdout.flush()

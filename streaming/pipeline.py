@@ -17,7 +17,8 @@ from typing import Iterator
 
 import torch
 
-from omnivox.thinker.model import KVCache, decode_step, embed, prefill, text_positions
+from omnivox.streaming.prompt import build_prompt
+from omnivox.thinker.model import KVCache, decode_step, prefill, text_positions
 from omnivox.thinker.sampling import Sampler, SamplingParams
 from omnivox.thinker.tokenizer import IncrementalDetokenizer
 
@@ -26,6 +27,7 @@ from omnivox.thinker.tokenizer import IncrementalDetokenizer
 class GenerationOptions:
     max_new_tokens: int = 512
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(greedy=True))
+    use_audio_in_video: bool = False
 
 
 @dataclass
@@ -57,14 +59,20 @@ def default_sampling(generation: dict) -> SamplingParams:
     )
 
 
-def user_messages(text: str, system: str | None = None) -> list[dict]:
+def user_messages(text: str, system: str | None = None, audios=(), images=(), videos=()) -> list[dict]:
+    """A one-turn conversation; the user message lists audios, then images, then videos, then the text."""
     messages = []
     if system is not None:
         messages.append({"role": "system", "content": system})
-    messages.append({"role": "user", "content": [{"type": "text", "text": text}]})
+    content = [{"type": "audio", "audio": a} for a in audios]
+    content += [{"type": "image", "image": i} for i in images]
+    content += [{"type": "video", "video": v} for v in videos]
+    content.append({"type": "text", "text": text})
+    messages.append({"role": "user", "content": content})
     return messages
 
 
+@torch.inference_mode()  # torch re-enters the mode on each resumption and leaves it at each yield
 def generate(omni, messages: list[dict], options: GenerationOptions) -> Iterator[TextDelta | Done]:
     if options.max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
@@ -72,13 +80,11 @@ def generate(omni, messages: list[dict], options: GenerationOptions) -> Iterator
     tok = omni.tokenizer
     thinker = omni.thinker
     cfg = omni.config.text
-    prompt = tok.render_chat(messages, add_generation_prompt=True)
-    ids = tok.encode(prompt)
-    if not ids:
-        raise ValueError("the prompt is empty")
-    total = len(ids) + options.max_new_tokens
+    prompt = build_prompt(omni, messages, use_audio_in_video=options.use_audio_in_video)
+    n = prompt.length
+    total = n + options.max_new_tokens
     if total > cfg.max_position_embeddings:
-        raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({options.max_new_tokens}) exceeds the "
+        raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({options.max_new_tokens}) exceeds the "
                          f"model's context of {cfg.max_position_embeddings} tokens")
     device = omni.device
     eos = set(omni.config.eos_token_ids)
@@ -86,33 +92,31 @@ def generate(omni, messages: list[dict], options: GenerationOptions) -> Iterator
     param = next(thinker.parameters())
     cache = KVCache.allocate(cfg, batch=1, max_len=total, device=device, dtype=param.dtype)
     history = torch.empty(1, total, dtype=torch.long, device=device)  # (1, N) prompt + reply, for the penalty
-    history[0, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    n = len(ids)
+    history[:, :n] = prompt.input_ids
     detok = IncrementalDetokenizer(tok)
     out_ids: list[int] = []
     finish = "length"
     t_first = t_last = None
-    with torch.inference_mode():
-        input_ids = history[:, :n]                                        # (1, T)
-        logits, _ = prefill(thinker, cache, embed(thinker, input_ids), text_positions(0, n, 1, device))
-        for step in range(options.max_new_tokens):
-            next_id = sampler(logits.float(), history[:, :n])             # (1,)
-            token = int(next_id[0])
-            t_last = time.perf_counter()
-            if t_first is None:
-                t_first = t_last
-            out_ids.append(token)
-            history[0, n] = token
-            n += 1
-            if token in eos:
-                finish = "stop"
-                break
-            delta = detok.push(token)
-            if delta:
-                yield TextDelta(delta, token)
-            if step + 1 == options.max_new_tokens:
-                break
-            logits, _ = decode_step(thinker, cache, next_id, text_positions(n - 1, 1, 1, device))
+    logits, _ = prefill(thinker, cache, prompt.inputs_embeds, prompt.position_ids)
+    for step in range(options.max_new_tokens):
+        next_id = sampler(logits.float(), history[:, :n])             # (1,)
+        token = int(next_id[0])
+        t_last = time.perf_counter()
+        if t_first is None:
+            t_first = t_last
+        out_ids.append(token)
+        history[0, n] = token
+        n += 1
+        if token in eos:
+            finish = "stop"
+            break
+        delta = detok.push(token)
+        if delta:
+            yield TextDelta(delta, token)
+        if step + 1 == options.max_new_tokens:
+            break
+        logits, _ = decode_step(thinker, cache, next_id,
+                                text_positions(n - 1 + prompt.rope_delta, 1, 1, device))
     tail = detok.flush()
     if tail:
         yield TextDelta(tail, out_ids[-1])
@@ -123,7 +127,7 @@ def generate(omni, messages: list[dict], options: GenerationOptions) -> Iterator
         "total_ms": round((t_end - t0) * 1000, 3),
         "tokens_per_s": round(decode_n / (t_last - t_first), 3) if decode_n > 0 and t_last > t_first else None,
     }
-    yield Done(text=tok.decode(out_ids), token_ids=out_ids, finish_reason=finish, prompt_tokens=len(ids),
+    yield Done(text=tok.decode(out_ids), token_ids=out_ids, finish_reason=finish, prompt_tokens=prompt.length,
                timings=timings)
 
 
