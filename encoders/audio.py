@@ -13,7 +13,12 @@ What is notable (checked against the reference `Qwen2_5OmniAudioEncoder`):
 - `audio_bos_eos_token` is stored in the checkpoint but not used by the encoder; `scale_embedding` is read but,
   as in the reference, never applied. The positional table is computed, not stored.
 
-Features come from `audio_features` (log_mel / the mel stream); `AudioEncoderSession` joins the two for streaming.
+Features come from `audio_features` (log_mel / the mel stream); `AudioEncoderSession` joins the two for streaming:
+`push` returns each window's tokens once n_fft/2 - hop samples (2.5 ms) past its end have arrived, `finish` the
+rest. The features' dynamic-range
+floor depends on the loudest frame of the whole clip, so windows emitted before a louder moment can differ from
+one-shot (`state.clamp_error` says by how much in feature units); with keep_history=True, `revisions()` after
+finish re-encodes just those windows, and applying them makes the stream equal to one-shot.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from omnivox.encoders.audio_features import (FeatureConfig, MelStreamState, load
 
 __all__ = [
     "AudioEncoderConfig", "AudioEncoder", "AudioStreamState", "AudioEncoderSession", "FeatureConfig",
-    "new_stream", "stream_push", "stream_finish", "stream_revisions", "log_mel", "load_audio", "pcm16_to_float", "num_audio_tokens",
+    "new_stream", "stream_push", "stream_finish", "stream_revisions", "log_mel", "load_audio", "pcm16_to_float",
+    "num_audio_tokens",
 ]
 
 WINDOW_BATCH = 32   # windows encoded together in the one-shot path (64 s of audio)
@@ -160,7 +166,7 @@ class AudioEncoder(nn.Module):
 
     def encode_windows(self, feats: torch.Tensor) -> torch.Tensor:
         """Encoder hidden states of equal-length windows: (W, n_mels, T) -> (W, (T - 1) // 2 + 1, d)."""
-        x = feats.to(self.conv1.weight.dtype)
+        x = feats.to(device=self.conv1.weight.device, dtype=self.conv1.weight.dtype)
         x = F.gelu(self.conv1(x))                                                  # (W, d, T)
         x = F.gelu(self.conv2(x)).transpose(1, 2)                                  # (W, T', d)
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)                # positions restart per window
@@ -193,23 +199,31 @@ class AudioEncoder(nn.Module):
             raise ValueError("features have zero frames")
         wf = self.cfg.window_frames
         full = L // wf
-        outs, carry = [], None
+        out = torch.empty(num_audio_tokens(L), self.cfg.output_dim, dtype=self.proj.weight.dtype,
+                          device=self.proj.weight.device)                           # (N, out), filled in place
+        pos, carry = 0, None
         for w0 in range(0, full, window_batch):
             w1 = min(w0 + window_batch, full)
             chunk = features[:, w0 * wf: w1 * wf].reshape(-1, w1 - w0, wf).transpose(0, 1)   # (W, n_mels, wf)
             hidden = self.encode_windows(chunk).reshape(-1, self.cfg.d_model)                # (W * T', d)
             tokens, carry = self._pool_with_carry(hidden, carry)
-            outs.append(tokens)
+            out[pos:pos + tokens.shape[0]] = tokens
+            pos += tokens.shape[0]
         if L % wf:
             hidden = self.encode_windows(features[None, :, full * wf:])[0]                  # (T', d)
             tokens, carry = self._pool_with_carry(hidden, carry)
-            outs.append(tokens)
-        return torch.cat(outs, dim=0)                                              # (N, out)
+            out[pos:pos + tokens.shape[0]] = tokens
+            pos += tokens.shape[0]
+        assert pos == out.shape[0]
+        return out                                                                 # (N, out)
 
     @torch.no_grad()
     def encode_audio(self, audio, feature_cfg: FeatureConfig) -> torch.Tensor:
-        """16 kHz mono samples -> tokens (log_mel + encode)."""
-        return self.encode(log_mel(audio, feature_cfg).to(self.conv1.weight.device))
+        """16 kHz mono samples -> tokens (log_mel + encode; features stay on the CPU, windows move per batch)."""
+        return self.encode(log_mel(audio, feature_cfg))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.encode(features)
 
 
 # ----------------------------------------------------------------------------------------------- streaming

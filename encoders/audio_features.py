@@ -14,10 +14,13 @@ The features equal `WhisperFeatureExtractor` as the Qwen2.5-Omni processor calls
   next multiple of `chunk_length`: the same math, one max over the whole file.
 
 Streaming (`MelStreamState`, `mel_push`, `mel_finish`): a frame is computed once the n_fft/2 samples after its
-centre have arrived; frames are clamped and emitted per encoder window. The clamp needs the global max, which
-a stream cannot know in advance; we clamp with the running max at emission time and record how far that can be
-from the one-shot values (`MelStreamState.clamp_error`, exactly 0 unless a later frame is more than 80 dB
-louder than the quietest bin of an already-emitted window -- e.g. digital silence followed by speech).
+centre have arrived (a 2 s window is complete 40 samples, 2.5 ms, after its end); frames are clamped and emitted per encoder
+window. The clamp needs the global max, which a stream cannot know in advance: we clamp with the running max at
+emission time, and the clamp is active in ordinary audio (noise and high bins sit > 80 dB under the loudest
+bin), so a later louder frame does change earlier windows. `mel_finish` sets `clamp_error`, the exact max
+|streamed - one-shot| feature difference (0.0 when the max was reached before each affected window was emitted),
+and with `keep_history` `mel_revisions` gives the exact one-shot features of the changed windows:
+max(max(raw, f), F) == max(raw, F) for the emission floor f <= the final floor F.
 """
 
 from __future__ import annotations
@@ -311,7 +314,6 @@ def mel_push(state: MelStreamState, pcm) -> list[torch.Tensor]:
     state.n_received += len(x)
     # frame j needs samples up to j*hop + half - 1 (and x[half] for the left reflection of frame 0)
     end = (state.n_received - half - (cfg.n_fft % 2)) // hop + 1 if state.n_received > half else 0
-    end = min(end, -(-state.n_received // hop))                # never beyond the frames a clip this long keeps
     if end > state.next_frame:
         raw = mel_tables(cfg).raw_log_mel(
             _frame_samples(state.buf, state.buf_start, None, state.next_frame, end, cfg))   # (n_mels, k)

@@ -39,6 +39,14 @@ def synth_loud_start(seconds: float, seed: int = 0) -> np.ndarray:
     return x
 
 
+def quiet_then_loud(quiet_s: float, loud_s: float, seed: int = 0) -> np.ndarray:
+    """Digital silence, then faint noise, then synth(): the floor rises after the first windows are out."""
+    n = int(quiet_s * SR)
+    quiet = np.zeros(n, np.float32)
+    quiet[n // 2:] = 1e-5 * np.random.default_rng(seed).standard_normal(n - n // 2)
+    return np.concatenate([quiet, synth(loud_s, seed=seed)])
+
+
 def load_encoder(ckpt_dir) -> AudioEncoder:
     cfg = json.loads((ckpt_dir / "config.json").read_text())
     enc = AudioEncoder(AudioEncoderConfig.from_dict(cfg["thinker_config"]["audio_config"])).eval()
@@ -142,13 +150,20 @@ def test_encoder_state_dict_keys_equal_checkpoint_keys(tiny_checkpoint, variant)
     assert {"thinker.audio_tower." + k for k in enc.state_dict()} == saved
 
 
-@pytest.mark.parametrize("variant", ["base", "mha_wide"])
-def test_encoder_matches_reference_get_audio_features(tiny_checkpoint, processor, variant):
-    path, ref = tiny_checkpoint(variant)
-    enc, cfg = load_encoder(path), FeatureConfig.from_dir(path)
+@pytest.fixture(scope="module")
+def clip_batch(processor):
+    """Four clips and the reference processor's batched features for them."""
     clips = [synth(s, seed=i) for i, s in enumerate([0.7, 2.0, 4.37, 9.1])]
     out = processor.feature_extractor(clips, sampling_rate=SR, padding="max_length", return_attention_mask=True,
                                       return_tensors="pt")
+    return clips, out
+
+
+@pytest.mark.parametrize("variant", ["base", "mha_wide"])
+def test_encoder_matches_reference_get_audio_features(tiny_checkpoint, clip_batch, variant):
+    path, ref = tiny_checkpoint(variant)
+    enc, cfg = load_encoder(path), FeatureConfig.from_dir(path)
+    clips, out = clip_batch
     with torch.no_grad():
         want = ref.thinker.model.get_audio_features(out["input_features"],
                                                     feature_attention_mask=out["attention_mask"]).last_hidden_state
@@ -174,6 +189,13 @@ def test_encoder_with_odd_n_window_pools_across_windows_like_reference():
     got = enc.encode(feats, window_batch=2)
     assert got.shape == want.shape == (num_audio_tokens(73), 24)
     assert (got - want).abs().max().item() <= TOL
+    # streaming carries the odd row across windows; revisions re-encode everything
+    cfg = FeatureConfig(feature_size=128, chunk_length=300)
+    for audio, revise in ((synth_loud_start(1.03, seed=14), False), (quiet_then_loud(0.4, 0.63, seed=14), True)):
+        one = enc.encode(log_mel(audio, cfg))
+        got, state = stream(enc, cfg, audio, 555, revise=revise)
+        assert (state.clamp_error > 0) == revise
+        assert got.shape == one.shape and (got - one).abs().max().item() <= TOL
 
 
 def test_encoder_rejects_bad_features(base):
@@ -262,9 +284,7 @@ def test_streaming_memory_stays_bounded(base):
 def test_streaming_clamp_error_is_exact_and_revisions_repair_a_louder_part_later(base):
     # digital silence + faint noise for 2.5 s, then loud: the first window was clamped with a lower floor
     _, _, enc, cfg = base
-    quiet = np.zeros(40000, np.float32)
-    quiet[20000:] = 1e-5 * np.random.default_rng(8).standard_normal(20000)
-    audio = np.concatenate([quiet, synth(2.0, seed=8)])
+    audio = quiet_then_loud(2.5, 2.0, seed=8)
     state = new_mel_stream(cfg, 200)
     windows = []
     for i in range(0, len(audio), 3200):
@@ -281,7 +301,7 @@ def test_streaming_clamp_error_is_exact_and_revisions_repair_a_louder_part_later
     got, st = stream(enc, cfg, audio, 3200, revise=True)
     assert (got - one_tokens).abs().max().item() <= TOL
     # loud first, then quiet: the floor is known before the quiet part and streaming is exact
-    audio = np.concatenate([synth_loud_start(2.5, seed=9), quiet])
+    audio = np.concatenate([synth_loud_start(2.5, seed=9), audio[:40000]])
     got, st = stream(enc, cfg, audio, 3200)
     assert st.clamp_error == 0.0
     assert (got - enc.encode(log_mel(audio, cfg))).abs().max().item() <= TOL
