@@ -162,6 +162,10 @@ class AudioEncoder(nn.Module):
         self.avg_pooler = nn.AvgPool1d(2, stride=2)                  # no weights; pooling is done on pairs below
         self.proj = nn.Linear(d, cfg.output_dim)
 
+    def reset_buffers(self) -> None:
+        """Rebuild the computed position table (the loader builds modules on meta; see omnivox.loading)."""
+        self.positional_embedding = sinusoids(self.cfg.max_source_positions, self.cfg.d_model)
+
     # -- pieces -----------------------------------------------------------------------------------------
 
     def encode_windows(self, feats: torch.Tensor) -> torch.Tensor:
