@@ -235,3 +235,37 @@ def test_bad_input_raises_clear_errors(loaded):
         cache.truncate(7)
     with pytest.raises(ValueError, match="token_ids"):
         decode_step(ours, cache, torch.tensor([[1]]), text_positions(6, 1))
+
+
+def test_fused_projections_follow_moves_assignments_and_reloads(loaded):
+    """q/k/v and gate/up run as one GEMM over views of a fused tensor; every way of changing weights is seen."""
+    _, ours, cfg, path = loaded
+    ids = prompt(cfg, 8, seed=11)
+
+    def run(model, dtype=torch.float32):
+        cache = KVCache.allocate(cfg, 1, 16, "cpu", dtype)
+        return prefill(model, cache, embed(model, ids), text_positions(0, 8))[0].float()
+
+    expected = run(ours)
+    attn = ours.model.layers[0].self_attn
+    assert attn.k_proj.weight.data_ptr() == attn._qkv[0][cfg.num_heads * cfg.head_dim:].data_ptr()
+
+    model = Thinker(cfg).eval()
+    model.load_state_dict(thinker_state(path), strict=True, assign=True)
+    assert (run(model) - expected).abs().max().item() <= 1e-5
+    model.load_state_dict(thinker_state(path), strict=True)
+    assert (run(model) - expected).abs().max().item() <= 1e-5
+
+    moved = copy.deepcopy(model).to(torch.float64)
+    assert moved.model.layers[0].mlp._gate_up[0].dtype == torch.float64
+    assert (run(moved, torch.float64) - expected).abs().max().item() <= TOL
+
+    layer = model.model.layers[-1]
+    with torch.no_grad():
+        layer.mlp.up_proj.weight.mul_(0.5)  # in place: lands in the fused tensor
+    halved = run(model)
+    assert (halved - expected).abs().max().item() > 1e-3
+    layer.mlp.up_proj.weight = torch.nn.Parameter(layer.mlp.up_proj.weight * 2)  # replaced: rebuilt
+    assert (run(model) - expected).abs().max().item() <= 1e-5
+    layer.self_attn.v_proj.weight = torch.nn.Parameter(torch.zeros_like(layer.self_attn.v_proj.weight))
+    assert (run(model) - expected).abs().max().item() > 1e-3

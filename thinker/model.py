@@ -10,7 +10,11 @@ What is notable here:
   conversation edits) without copying.
 - Masks: a first chunk uses SDPA's own causal path, a later chunk gets a small (T, S) boolean mask (causal inside
   the chunk, full view of the prefix), and a decode step (T == 1) needs none. GQA decode folds the query groups
-  into the query-length axis, so SDPA reads each K/V head once with no expanded copy.
+  into the query-length axis, so SDPA reads each K/V head once with no expanded copy (on CPU, `enable_gqa` is
+  ~3x slower in fp32 and >10x in bf16 at 1k context).
+- Fewer kernels per layer for decode speed: q/k/v and gate/up each run as one GEMM over a fused weight whose row
+  blocks *are* the checkpoint-named parameters (views, no extra memory; see `_fuse`); q and k rotate together;
+  rotate_half is one `roll` against a sign-flipped sin (bit-identical to the reference's formula).
 - `inv_freq` is a non-persistent fp32 buffer that stays fp32 when the module is cast to bf16 (`_apply`), as the
   reference's does when loaded in bf16.
 - `TextDecoder` knows nothing of the vocabulary head, so the Talker reuses it as-is (its `embed_tokens` width
@@ -97,11 +101,6 @@ def text_positions(start: int, length: int, batch: int = 1, device=None) -> Tens
     return ids.view(1, 1, length).expand(3, batch, length)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Layers
 
@@ -111,23 +110,88 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.shape = (dim,)
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        # the reference: normalise in fp32, cast back, then scale (the scale runs in the weight's dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.shape, self.weight, self.eps)
+        h = F.rms_norm(x.to(torch.float32), self.shape, None, self.eps)
+        return self.weight * h.to(x.dtype)
 
 
-class MLP(nn.Module):
+def _fuse(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None, tuple[int, ...]]:
+    """Re-point the Linears' weights (and biases) at row blocks of one tensor, so one GEMM serves them all.
+
+    The parameters stay what the checkpoint names (`q_proj.weight`, ...); they are views, so loading a state
+    dict in place fills the fused tensor and no memory is duplicated. Returns (weight, bias, data pointers).
+    """
+    with torch.no_grad():
+        weight = torch.cat([lin.weight for lin in linears])  # (sum(out), in)
+        bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
+    row = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(weight[row:row + n], requires_grad=lin.weight.requires_grad)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[row:row + n], requires_grad=lin.bias.requires_grad)
+        row += n
+    return weight, bias, _pointers(linears)
+
+
+def _pointers(linears: list[nn.Linear]) -> tuple[int, ...]:
+    return tuple(p.data_ptr() for lin in linears for p in lin._parameters.values() if p is not None)
+
+
+def _refuse_after_load(module, incompatible_keys) -> None:
+    module._refuse()
+
+
+class _FusedLinears(nn.Module):
+    """Base for modules that run several same-input Linears as one GEMM (see `_fuse`)."""
+    fused_groups: dict[str, tuple[str, ...]] = {}  # attribute holding the fused tensors -> the Linears' names
+
+    def fused(self, attr: str) -> tuple[Tensor, Tensor | None]:
+        """(weight, bias) of one fused group, rebuilt first when a parameter no longer lives in it (after .to(),
+        load_state_dict(assign=True) or a plain assignment); an in-place update needs no rebuild."""
+        linears = [self._modules[name] for name in self.fused_groups[attr]]
+        state = self.__dict__.get(attr)
+        if state is None or state[2] != _pointers(linears):
+            state = self.__dict__[attr] = _fuse(linears)
+        return state[0], state[1]
+
+    def _refuse(self) -> None:
+        for attr in self.fused_groups:
+            self.fused(attr)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._refuse()  # right away, so the old fused tensors (e.g. an fp32 CPU copy) are freed
+        return self
+
+    def _start_fused(self) -> None:
+        self._refuse()
+        # after a state dict is loaded (children included): a no-op after the usual in-place copy, a rebuild
+        # after load_state_dict(assign=True)
+        self.register_load_state_dict_post_hook(_refuse_after_load)
+
+
+class MLP(_FusedLinears):
+    fused_groups = {"_gate_up": ("gate_proj", "up_proj")}
+
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.intermediate_size = intermediate_size
+        self._start_fused()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        """x (N, H) or (B, T, H)."""
+        gate_up = F.linear(x, self.fused("_gate_up")[0])  # (..., 2F)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)  # (..., F) each
+        return self.down_proj(F.silu(gate) * up)  # (..., H)
 
 
 def _chunk_mask(t: int, start: int, device) -> Tensor:
@@ -137,7 +201,9 @@ def _chunk_mask(t: int, start: int, device) -> Tensor:
     return keys[None, :] <= queries[:, None]  # (T, S)
 
 
-class Attention(nn.Module):
+class Attention(_FusedLinears):
+    fused_groups = {"_qkv": ("q_proj", "k_proj", "v_proj")}
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         if cfg.num_heads % cfg.num_kv_heads:
@@ -150,29 +216,39 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self._start_fused()
+        # rotate_half(x) == x.roll(D/2) * sign: one roll instead of two slices, a negation and a cat
+        half = cfg.head_dim // 2
+        self.register_buffer("rope_sign", torch.cat((-torch.ones(half), torch.ones(half))), persistent=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer_idx: int) -> Tensor:
+        """x (B, T, H), cos/sin (B, T, D) -> (B, T, H); writes K/V at cache.length..+T."""
         b, t, _ = x.shape
-        d = self.head_dim
-        q = self.q_proj(x).view(b, t, self.num_heads, d).transpose(1, 2)  # (B, Hq, T, D)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, d).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, d).transpose(1, 2)  # (B, Hkv, T, D)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        d, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
+        weight, bias = self.fused("_qkv")  # one GEMM for q, k and v
+        qkv = F.linear(x.reshape(b * t, -1), weight, bias)  # (B*T, (Hq+2Hkv)*D)
+        qkv = qkv.view(b, t, hq + 2 * hkv, d)  # (B, T, Hq+2Hkv, D)
+        qk = qkv[:, :, :hq + hkv]  # (B, T, Hq+Hkv, D): q and k heads rotate together
+        cos, sin = cos.unsqueeze(2), (sin * self.rope_sign).unsqueeze(2)  # (B, T, 1, D)
+        qk = qk * cos + qk.roll(d // 2, -1) * sin  # the reference's q * cos + rotate_half(q) * sin, exactly
+        q = qk[:, :, :hq].transpose(1, 2)  # (B, Hq, T, D)
+        k = qk[:, :, hq:].transpose(1, 2)  # (B, Hkv, T, D)
+        v = qkv[:, :, hq + hkv:].transpose(1, 2)  # (B, Hkv, T, D)
 
         start = cache.length
         end = start + t
-        cache.k[layer_idx, :, :, start:end] = k
-        cache.v[layer_idx, :, :, start:end] = v
-        keys = cache.k[layer_idx, :, :, :end]  # (B, Hkv, S, D)
-        values = cache.v[layer_idx, :, :, :end]  # (B, Hkv, S, D)
+        k_cache, v_cache = cache.k[layer_idx], cache.v[layer_idx]  # (B, Hkv, S_max, D)
+        k_cache.narrow(2, start, t).copy_(k)
+        v_cache.narrow(2, start, t).copy_(v)
+        keys = k_cache.narrow(2, 0, end)  # (B, Hkv, S, D)
+        values = v_cache.narrow(2, 0, end)  # (B, Hkv, S, D)
 
         if t == 1:
-            # decode: no mask; the query groups of one K/V head become rows of one query block
+            # decode: no mask; the query groups of one K/V head become rows of one query block, so SDPA reads
+            # each K/V head once (enable_gqa / expanded K/V are several times slower on CPU, worst in bf16)
             q = q.reshape(b, self.num_kv_heads, self.groups, d)  # (B, Hkv, G, D)
             out = F.scaled_dot_product_attention(q, keys, values)  # (B, Hkv, G, D)
-            out = out.reshape(b, 1, self.num_heads * d)  # (B, 1, Hq*D)
+            out = out.reshape(b, self.num_heads * d)  # (B, Hq*D)
         else:
             if start == 0:
                 out = F.scaled_dot_product_attention(q, keys, values, is_causal=True,
@@ -181,8 +257,8 @@ class Attention(nn.Module):
                 mask = _chunk_mask(t, start, x.device)  # (T, S)
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                      enable_gqa=self.groups > 1)  # (B, Hq, T, D)
-            out = out.transpose(1, 2).reshape(b, t, self.num_heads * d)  # (B, T, Hq*D)
-        return self.o_proj(out)  # (B, T, H)
+            out = out.transpose(1, 2).reshape(b * t, self.num_heads * d)  # (B*T, Hq*D)
+        return self.o_proj(out).view(b, t, -1)  # (B, T, H)
 
 
 class DecoderLayer(nn.Module):
@@ -195,8 +271,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer_idx: int) -> Tensor:
         """x (B, T, H); writes this layer's K/V at cache.length..+T (the caller advances cache.length)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))  # (B, T, H)
+        b, t, h = x.shape
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer_idx)  # (B, T, H)
+        rows = self.post_attention_layernorm(x).view(b * t, h)  # (B*T, H)
+        return x + self.mlp(rows).view(b, t, h)  # (B, T, H)
 
 
 class TextDecoder(nn.Module):
