@@ -5,6 +5,7 @@ batch 2 == two batch-1 runs, KV-cache truncation == a fresh cache, bf16 runs and
 """
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,16 @@ def test_fused_projections_follow_moves_assignments_and_reloads(loaded):
     assert (run(model) - expected).abs().max().item() <= 1e-5
     layer.self_attn.v_proj.weight = torch.nn.Parameter(torch.zeros_like(layer.self_attn.v_proj.weight))
     assert (run(model) - expected).abs().max().item() > 1e-3
+
+
+def test_tied_config_rejects_a_distinct_lm_head(loaded):
+    _, _, cfg, path = loaded
+    state = thinker_state(path)
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"] + 1
+        with pytest.raises(RuntimeError, match="tie_word_embeddings"):
+            Thinker(cfg).load_state_dict(state)
+    else:
+        tied_cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
+        with pytest.raises(RuntimeError, match="tie_word_embeddings"):
+            Thinker(tied_cfg).load_state_dict(state)

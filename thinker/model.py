@@ -346,8 +346,14 @@ class Thinker(nn.Module):
 def _fill_tied_head(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                     error_msgs) -> None:
     emb = state_dict.get(prefix + "model.embed_tokens.weight")
-    if emb is not None and prefix + "lm_head.weight" not in state_dict:
+    head = state_dict.get(prefix + "lm_head.weight")
+    if emb is None:
+        return
+    if head is None:
         state_dict[prefix + "lm_head.weight"] = emb
+    elif head is not emb and not torch.equal(head, emb):
+        error_msgs.append(f"{prefix}lm_head.weight differs from {prefix}model.embed_tokens.weight, but the config "
+                          f"ties them (tie_word_embeddings): the checkpoint and its config disagree")
 
 
 def _retie_head(module, incompatible_keys) -> None:
