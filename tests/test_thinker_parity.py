@@ -283,3 +283,32 @@ def test_tied_config_rejects_a_distinct_lm_head(loaded):
         tied_cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
         with pytest.raises(RuntimeError, match="tie_word_embeddings"):
             Thinker(tied_cfg).load_state_dict(state)
+
+
+def test_meta_build_then_assigned_parameters_and_reset_buffers(loaded):
+    """The loader's contract: build on meta, assign every parameter, call reset_buffers() on every module."""
+    ref, ours, cfg, path = loaded
+    with torch.device("meta"):
+        model = Thinker(cfg).eval()
+    state = thinker_state(path)
+    for name, mod in model.named_modules():
+        for attr in list(mod._parameters):
+            key = f"{name}.{attr}" if name else attr
+            if key in state:
+                mod._parameters[attr] = torch.nn.Parameter(state[key].to(torch.bfloat16), requires_grad=False)
+    if cfg.tie_word_embeddings:
+        model.lm_head._parameters["weight"] = model.model.embed_tokens.weight
+    with torch.device("cpu"):
+        for mod in model.modules():
+            if callable(getattr(mod, "reset_buffers", None)):
+                mod.reset_buffers()
+    assert not [n for n, b in model.named_buffers() if b.is_meta]
+    assert model.model.inv_freq.dtype == torch.float32
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.data_ptr() == attn.fused("_qkv")[0].data_ptr()
+    ids = prompt(cfg, 10, seed=12)
+    with torch.no_grad():
+        expected = ref.thinker(input_ids=ids).logits[0, -1]
+    cache = KVCache.allocate(cfg, 1, 16, "cpu", torch.bfloat16)
+    logits, _ = prefill(model, cache, embed(model, ids), text_positions(0, 10))
+    assert logits[0].float().argmax() == expected.argmax()

@@ -169,6 +169,10 @@ class _FusedLinears(nn.Module):
         self._refuse()  # right away, so the old fused tensors (e.g. an fp32 CPU copy) are freed
         return self
 
+    def reset_buffers(self) -> None:
+        """After a loader assigned the parameters directly (meta-device build): build the fused tensors now."""
+        self._refuse()
+
     def _start_fused(self) -> None:
         self._refuse()
         # after a state dict is loaded (children included): a no-op after the usual in-place copy, a rebuild
@@ -218,8 +222,18 @@ class Attention(_FusedLinears):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self._start_fused()
         # rotate_half(x) == x.roll(D/2) * sign: one roll instead of two slices, a negation and a cat
-        half = cfg.head_dim // 2
-        self.register_buffer("rope_sign", torch.cat((-torch.ones(half), torch.ones(half))), persistent=False)
+        self.register_buffer("rope_sign", self._rope_sign(), persistent=False)
+
+    def _rope_sign(self, device=None, dtype=None) -> Tensor:
+        half = self.head_dim // 2
+        return torch.cat((-torch.ones(half, device=device, dtype=dtype),
+                          torch.ones(half, device=device, dtype=dtype)))  # (D,)
+
+    def reset_buffers(self) -> None:
+        """Rebuild the computed buffer (and the fused weights) after the parameters were assigned by a loader."""
+        weight = self.q_proj.weight
+        self.rope_sign = self._rope_sign(device=weight.device, dtype=weight.dtype)
+        self._refuse()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer_idx: int) -> Tensor:
         """x (B, T, H), cos/sin (B, T, D) -> (B, T, H); writes K/V at cache.length..+T."""
@@ -294,6 +308,10 @@ class TextDecoder(nn.Module):
         super()._apply(fn, recurse)
         self.inv_freq = rope_inv_freq(self.cfg, device=self.inv_freq.device)
         return self
+
+    def reset_buffers(self) -> None:
+        """Rebuild inv_freq after a meta-device build (called by the loader inside `with torch.device(...)`)."""
+        self.inv_freq = rope_inv_freq(self.cfg, device=self.embed_tokens.weight.device)
 
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor, cache: KVCache) -> Tensor:
         """inputs_embeds (B, T, H), position_ids (3, B, T) -> hidden after the final norm (B, T, H).
