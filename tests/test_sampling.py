@@ -52,6 +52,10 @@ def test_repetition_penalty_matches_hf():
         assert torch.equal(apply_repetition_penalty(logits, history, penalty), expected)
         got = Sampler(SamplingParams(repetition_penalty=penalty)).process(logits, history=history)
         assert torch.equal(got, expected)
+    # ids past the head's vocabulary are ignored, as HF does
+    wide = torch.tensor([[1, 40, 45, 3], [0, 39, 41, 2]])
+    assert torch.equal(apply_repetition_penalty(logits, wide, 1.3),
+                       RepetitionPenaltyLogitsProcessor(1.3)(wide, logits.clone()))
     # positive logits divided, negative multiplied
     one = torch.tensor([[2.0, -2.0, 1.0]])
     assert apply_repetition_penalty(one, torch.tensor([[0, 1]]), 2.0).tolist() == [[1.0, -4.0, 1.0]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -35,10 +36,16 @@ class SamplingParams:
 
 
 def apply_repetition_penalty(logits: Tensor, history: Tensor, penalty: float) -> Tensor:
-    """Seen ids: positive logits divided by the penalty, negative ones multiplied (HF RepetitionPenalty)."""
-    seen = torch.gather(logits, 1, history)  # (B, N)
+    """Seen ids: positive logits divided by the penalty, negative ones multiplied (HF RepetitionPenalty).
+
+    Ids at or past the vocabulary size (possible when an embedding table is larger than the head) are ignored.
+    """
+    vocab = logits.shape[-1]
+    history = history.clamp(max=vocab)  # out-of-vocabulary ids land on a spare column, dropped below
+    padded = F.pad(logits, (0, 1))  # (B, V+1)
+    seen = torch.gather(padded, 1, history)  # (B, N)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return logits.scatter(1, history, seen)  # (B, V)
+    return padded.scatter(1, history, seen)[:, :vocab]  # (B, V)
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
