@@ -104,11 +104,16 @@ class AntiAliasedSnake(nn.Module):
         super().__init__()
         self.act = SnakeBeta(channels)
         r, k = AA_RATIO, AA_KERNEL
-        self.register_buffer("up_filter", kaiser_sinc_filter(0.5 / r, 0.6 / r, k), persistent=False)
-        self.register_buffer("down_filter", kaiser_sinc_filter(0.5 / r, 0.6 / r, k), persistent=False)
         self.up_pad = k // r - 1
         self.up_trim = (self.up_pad * r + (k - r) // 2, self.up_pad * r + (k - r + 1) // 2)
         self.down_pad = (k // 2 - int(k % 2 == 0), k // 2)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)build the computed filters; the meta-device loader calls this after assigning the weights."""
+        r, k = AA_RATIO, AA_KERNEL
+        self.register_buffer("up_filter", kaiser_sinc_filter(0.5 / r, 0.6 / r, k), persistent=False)
+        self.register_buffer("down_filter", kaiser_sinc_filter(0.5 / r, 0.6 / r, k), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, T) -> (B, C, T)
         C, r = x.shape[1], AA_RATIO

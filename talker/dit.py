@@ -312,7 +312,12 @@ class DiT(nn.Module):
         self.transformer_blocks = nn.ModuleList([DiTLayer(cfg) for _ in range(cfg.num_layers)])
         self.norm_out = _Linear1(h, 2 * h)
         self.proj_out = nn.Linear(h, cfg.mel_dim)
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float) / cfg.head_dim))
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)build the computed RoPE table; the meta-device loader calls this after assigning the weights."""
+        c = self.cfg
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float) / c.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     # -- per-utterance / per-window conditioning ------------------------------------------------------------

@@ -101,6 +101,25 @@ def test_config_from_empty_dict_has_reference_defaults():
     assert b.resblock_dilation_sizes == tuple(tuple(x) for x in rb.resblock_dilation_sizes)
 
 
+def test_meta_build_loads_with_the_runtime_loader_in_fp32(ckpt):
+    """Loader contract: build on meta, load from a bf16 request; keep_fp32 and reset_buffers make it usable."""
+    from omnivox.loading import Checkpoint, load_module
+
+    cfg = ckpt["ref"].config.token2wav_config.to_dict()
+    with torch.device("meta"):
+        dit = DiT(DiTConfig.from_dict(cfg["dit_config"])).eval()
+        voc = BigVGAN(BigVGANConfig.from_dict(cfg["bigvgan_config"])).eval()
+    ck = Checkpoint.open(ckpt["path"])
+    load_module(dit, ck, DIT_PREFIX, dtype=torch.bfloat16)
+    load_module(voc, ck, VOC_PREFIX, dtype=torch.bfloat16)
+    assert {p.dtype for p in dit.parameters()} == {p.dtype for p in voc.parameters()} == {torch.float32}
+    codes = _codes(20, seed=4)
+    noise = torch.randn(1, 40, 80, generator=torch.Generator().manual_seed(5))
+    mel = code_to_mel(dit, codes, ckpt["cond"], ckpt["ref_mel"], noise, steps=4)
+    assert (mel - code_to_mel(ckpt["dit"], codes, ckpt["cond"], ckpt["ref_mel"], noise, steps=4)).abs().max() <= 1e-5
+    assert (mel_to_wav(voc, mel) - mel_to_wav(ckpt["voc"], mel)).abs().max() <= 1e-6
+
+
 @pytest.mark.parametrize("weights", ["checkpoint", "strong"])
 @pytest.mark.parametrize("cfg_on", [True, False])
 def test_dit_one_evaluation_matches_reference(ckpt, strong, weights, cfg_on):
