@@ -31,7 +31,7 @@ def thinker_state(path: Path) -> dict:
 
 @pytest.fixture(params=VARIANTS)
 def loaded(request, tiny_checkpoint):
-    """(reference model, our Thinker with the checkpoint's weights, DecoderConfig)."""
+    """(reference model, our Thinker with the checkpoint's weights, DecoderConfig, checkpoint dir)."""
     name = request.param
     if name not in _LOADED:
         path, ref = tiny_checkpoint(name)
