@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--repetition-penalty", type=float, default=None)
     ask.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible runs)")
     ask.add_argument("--no-audio", action="store_true", help="text only: skip the Talker and token2wav weights")
+    ask.add_argument("--out", default=None, metavar="WAV",
+                     help="speak the answer into this 24 kHz WAV file, written as the audio is produced")
+    ask.add_argument("--speaker", default=None, help="voice from the checkpoint's spk_dict.pt (default Chelsie)")
+    ask.add_argument("--max-codec-tokens", type=_positive_int, default=4096,
+                     help="Talker limit (50 codec tokens per second of speech)")
     ask.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     ask.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     ask.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -95,10 +100,12 @@ def _device(name: str) -> str:
 
 
 def cmd_ask(args) -> int:
-    from omnivox.model import load
-    from omnivox.streaming.pipeline import Done, GenerationOptions, TextDelta, generate, user_messages
-
     from omnivox.errors import InputError
+    from omnivox.model import load
+    from omnivox.streaming.pipeline import (SPEECH_SYSTEM_PROMPT, AudioChunk, Done, GenerationOptions, TextDelta,
+                                            generate, resolve_speaker, user_messages)
+    from omnivox.talker.model import default_sampling as talker_defaults
+    from omnivox.thinker.sampling import SamplingParams
 
     for kind, paths in (("audio", args.audio), ("image", args.image), ("video", args.video)):
         for path in paths:
@@ -106,18 +113,41 @@ def cmd_ask(args) -> int:
                 raise InputError(f"{kind} file {path} does not exist")
     if args.use_audio_in_video and not args.video:
         raise InputError("--use-audio-in-video needs at least one --video")
-    omni = load(args.model, device=_device(args.device), dtype=args.dtype, audio=not args.no_audio)
+    speech = args.out is not None
+    if speech and args.no_audio:
+        raise InputError("--out asks for speech but --no-audio turns it off; drop one of them")
+    if speech:
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(out_dir):
+            raise InputError(f"cannot write {args.out}: directory {out_dir} does not exist")
+    omni = load(args.model, device=_device(args.device), dtype=args.dtype, audio=speech)
+    if speech:
+        resolve_speaker(omni, args.speaker)
     sampling = _sampling(args, omni.config.generation)
+    talker_sampling = SamplingParams(greedy=True) if args.greedy else talker_defaults(args.seed)
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                use_audio_in_video=args.use_audio_in_video)
-    messages = user_messages(args.text, args.system, audios=args.audio, images=args.image, videos=args.video)
-    done = None
-    for event in generate(omni, messages, options):
-        if isinstance(event, TextDelta) and not args.json:
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-        elif isinstance(event, Done):
-            done = event
+                                use_audio_in_video=args.use_audio_in_video, audio=speech, speaker=args.speaker,
+                                talker_sampling=talker_sampling, max_codec_tokens=args.max_codec_tokens)
+    system = args.system if args.system is not None else (SPEECH_SYSTEM_PROMPT if speech else None)
+    messages = user_messages(args.text, system, audios=args.audio, images=args.image, videos=args.video)
+    done, wav = None, None
+    try:
+        if speech:
+            import soundfile as sf
+
+            wav = sf.SoundFile(args.out, mode="w", samplerate=24000, channels=1, subtype="PCM_16", format="WAV")
+        for event in generate(omni, messages, options):
+            if isinstance(event, TextDelta) and not args.json:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            elif isinstance(event, AudioChunk):
+                wav.write(event.samples)
+                wav.flush()
+            elif isinstance(event, Done):
+                done = event
+    finally:
+        if wav is not None:
+            wav.close()
     if args.json:
         out = {
             "text": done.text,
@@ -126,6 +156,9 @@ def cmd_ask(args) -> int:
             "prompt_tokens": done.prompt_tokens,
             "timings": {"load_s": round(omni.load_s, 3), **done.timings},
         }
+        if speech:
+            out.update(codec_ids=done.codec_ids, audio=os.path.abspath(args.out),
+                       audio_seconds=round(done.audio_seconds, 4))
         sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
     else:
         sys.stdout.write("\n")

@@ -1,12 +1,18 @@
 """One conversational turn as a generator of events — the only generation path.
 
-`generate(omni, messages, options)` yields `TextDelta` events as the Thinker samples tokens and ends with one
-`Done` event carrying the whole text, the token ids and timings. The CLI, the batch helper `run` and (later) the
-realtime server all consume this generator; nothing generates text any other way.
+`generate(omni, messages, options)` yields `TextDelta` events as the Thinker samples tokens, `AudioChunk` events
+(24 kHz float32) as speech becomes final, and ends with one `Done` event carrying the text, the token and codec
+ids and timings. The CLI, the batch helper `run` and the server all consume this generator.
 
-Timings (milliseconds from the call): `first_token_ms` is when the first reply token was sampled (prompt
-preparation + prefill + one sampling); `tokens_per_s` is the decode rate after the first token,
-(n - 1) / (t_last - t_first), so it measures decode_step alone.
+Speech runs in lock-step behind the Thinker, in the same loop: each time the Thinker feeds a reply token through
+`decode_step`, that token and its hidden state go to the Talker, which then samples every code it can (code k needs
+reply entry k only); codes go to token2wav in small groups, which returns the waveform samples that became final
+(its DiT works block by block with past/future context, its vocoder with an exact overlap). So the first audio
+arrives after the Thinker has produced only a few dozen tokens, long before the text is finished.
+
+Timings (milliseconds from the call): `first_token_ms` is when the first reply token was sampled; `first_audio_ms`
+when the first audio samples were ready; `tokens_per_s` is the Thinker's rate after the first token,
+(n - 1) / (t_last - t_first) (with speech on, this includes the Talker and token2wav work interleaved with it).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from omnivox.streaming.prompt import build_prompt
@@ -22,12 +29,23 @@ from omnivox.thinker.model import KVCache, decode_step, prefill, text_positions
 from omnivox.thinker.sampling import Sampler, SamplingParams
 from omnivox.thinker.tokenizer import IncrementalDetokenizer
 
+# Speech output only works with this system prompt (the Qwen team's note; REFERENCE.md).
+SPEECH_SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
+                        "perceiving auditory and visual inputs, as well as generating text and speech.")
+SAMPLE_RATE = 24000
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
     max_new_tokens: int = 512
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(greedy=True))
     use_audio_in_video: bool = False
+    audio: bool = False                   # speak the answer (needs a checkpoint loaded with audio=True)
+    speaker: str | None = None            # a name from spk_dict.pt; None: "Chelsie" when present, else the first
+    talker_sampling: SamplingParams | None = None  # None: the reference's Talker defaults (top-k 40, top-p 0.8, ...)
+    max_codec_tokens: int = 4096          # Talker limit (50 codes per second of speech)
+    codes_per_push: int = 12              # codes handed to token2wav at a time (12 codes = one 24-frame DiT block)
+    token2wav_seed: int = 0               # ODE start noise seed (the noise is a function of the absolute frame)
 
 
 @dataclass
@@ -37,12 +55,23 @@ class TextDelta:
 
 
 @dataclass
+class AudioChunk:
+    samples: np.ndarray                   # (N,) float32 in [-1, 1]
+    sample_rate: int = SAMPLE_RATE
+
+    def pcm16(self) -> bytes:
+        return (np.clip(self.samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+
+
+@dataclass
 class Done:
     text: str
     token_ids: list[int]
     finish_reason: str              # "stop" (an EOS id was sampled) or "length" (max_new_tokens reached)
     prompt_tokens: int
     timings: dict
+    codec_ids: list[int] = field(default_factory=list)
+    audio_seconds: float = 0.0
 
 
 def default_sampling(generation: dict) -> SamplingParams:
@@ -72,10 +101,96 @@ def user_messages(text: str, system: str | None = None, audios=(), images=(), vi
     return messages
 
 
+def resolve_speaker(omni, name: str | None) -> tuple[str, dict]:
+    speakers = omni.speakers or {}
+    if not speakers:
+        raise ValueError(f"{omni.path} has no speakers (spk_dict.pt): speech output is not available")
+    if name is None:
+        name = "Chelsie" if "Chelsie" in speakers else sorted(speakers)[0]
+    if name not in speakers:
+        raise ValueError(f"unknown speaker {name!r}; available: {', '.join(sorted(speakers))}")
+    return name, speakers[name]
+
+
+class _Speech:
+    """Talker + token2wav for one utterance, fed one Thinker reply token at a time."""
+
+    def __init__(self, omni, options: GenerationOptions, prompt, prompt_hidden):
+        from omnivox.talker.model import default_sampling as talker_defaults
+        from omnivox.talker.token2wav import StreamOptions, Token2WavDriver
+
+        if omni.talker is None or omni.token2wav is None:
+            raise ValueError("speech output needs the Talker and token2wav: load the checkpoint with audio=True")
+        _, spk = resolve_speaker(omni, options.speaker)
+        self.omni, self.options, self.prompt, self.prompt_hidden = omni, options, prompt, prompt_hidden
+        self.speaker = spk
+        params = options.talker_sampling or talker_defaults(options.sampling.seed)
+        self.sampler = Sampler(params, device=omni.device)
+        t2w = omni.token2wav
+        self.driver = Token2WavDriver(t2w.code2wav_dit_model, t2w.code2wav_bigvgan_model)
+        dev = t2w.code2wav_dit_model.proj_out.weight.device
+        self.wave = self.driver.start(spk["cond"].to(dev), spk["ref_mel"].to(dev),
+                                      StreamOptions(seed=options.token2wav_seed))
+        self.max_code = t2w.code2wav_dit_model.cfg.num_embeds  # codes above this are Talker control ids
+        self.state = None
+        self.pending: list[int] = []
+        self.codes: list[int] = []
+        self.samples = 0
+
+    def reply_token(self, token: int, hidden: torch.Tensor) -> Iterator[AudioChunk]:
+        """The Thinker fed `token` and produced `hidden` (H,)."""
+        from omnivox.talker.model import talker_prefill, talker_push_reply
+
+        if self.state is None:
+            self.state = talker_prefill(
+                self.omni.talker, self.omni.thinker.model.embed_tokens, self.prompt.input_ids, self.prompt_hidden,
+                token, hidden, int(self.speaker["bos_token"]), prompt_position_ids=self.prompt.position_ids,
+                max_new_tokens=self.options.max_codec_tokens)
+        else:
+            talker_push_reply(self.state, token, hidden)
+        yield from self._drain(final=False)
+
+    def end(self) -> Iterator[AudioChunk]:
+        from omnivox.talker.model import talker_end_reply
+
+        if self.state is None:  # the reply ended before any token was fed: nothing to say
+            return
+        talker_end_reply(self.state)
+        yield from self._drain(final=True)
+
+    def _drain(self, final: bool) -> Iterator[AudioChunk]:
+        from omnivox.talker.model import talker_step
+
+        # None means "waiting for the next reply entry" before the end, "finished" after it
+        while (code := talker_step(self.omni.talker, self.state, self.sampler)) is not None:
+            self.codes.append(code)
+            if code <= self.max_code:  # a stray control id (never EOS, which ends the loop) is not speech
+                self.pending.append(code)
+            if len(self.pending) >= self.options.codes_per_push:
+                yield from self._push()
+        if final:
+            yield from self._push()
+            yield from self._emit(self.driver.finish(self.wave))
+
+    def _push(self) -> Iterator[AudioChunk]:
+        if self.pending:
+            codes, self.pending = self.pending, []
+            yield from self._emit(self.driver.push(self.wave, codes))
+
+    def _emit(self, wav: torch.Tensor) -> Iterator[AudioChunk]:
+        if wav.numel():
+            self.samples += wav.numel()
+            yield AudioChunk(wav.detach().float().cpu().numpy())
+
+
 @torch.inference_mode()  # torch re-enters the mode on each resumption and leaves it at each yield
-def generate(omni, messages: list[dict], options: GenerationOptions) -> Iterator[TextDelta | Done]:
+def generate(omni, messages: list[dict], options: GenerationOptions) -> Iterator[TextDelta | AudioChunk | Done]:
     if options.max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
+    if options.audio:
+        resolve_speaker(omni, options.speaker)  # fail before any work
+        if omni.talker is None:
+            raise ValueError("speech output needs the Talker: load the checkpoint with audio=True")
     t0 = time.perf_counter()
     tok = omni.tokenizer
     thinker = omni.thinker
@@ -96,8 +211,18 @@ def generate(omni, messages: list[dict], options: GenerationOptions) -> Iterator
     detok = IncrementalDetokenizer(tok)
     out_ids: list[int] = []
     finish = "length"
-    t_first = t_last = None
-    logits, _ = prefill(thinker, cache, prompt.inputs_embeds, prompt.position_ids)
+    t_first = t_last = t_audio = None
+
+    logits, prompt_hidden = prefill(thinker, cache, prompt.inputs_embeds, prompt.position_ids)  # (1,V), (1,T,H)
+    speech = _Speech(omni, options, prompt, prompt_hidden) if options.audio else None
+
+    def audio(chunks):
+        nonlocal t_audio
+        for chunk in chunks:
+            if t_audio is None:
+                t_audio = time.perf_counter()
+            yield chunk
+
     for step in range(options.max_new_tokens):
         next_id = sampler(logits.float(), history[:, :n])             # (1,)
         token = int(next_id[0])
@@ -114,27 +239,38 @@ def generate(omni, messages: list[dict], options: GenerationOptions) -> Iterator
         if delta:
             yield TextDelta(delta, token)
         if step + 1 == options.max_new_tokens:
-            break
-        logits, _ = decode_step(thinker, cache, next_id,
-                                text_positions(n - 1 + prompt.rope_delta, 1, 1, device))
+            break                                                      # the last token is never fed back
+        logits, hidden = decode_step(thinker, cache, next_id,
+                                     text_positions(n - 1 + prompt.rope_delta, 1, 1, device))  # (1,V), (1,H)
+        if speech is not None:
+            yield from audio(speech.reply_token(token, hidden[0]))
     tail = detok.flush()
     if tail:
         yield TextDelta(tail, out_ids[-1])
+    t_text = time.perf_counter()
+    if speech is not None:
+        yield from audio(speech.end())
     t_end = time.perf_counter()
     decode_n = len(out_ids) - 1
     timings = {
         "first_token_ms": round((t_first - t0) * 1000, 3),
+        "text_ms": round((t_text - t0) * 1000, 3),
         "total_ms": round((t_end - t0) * 1000, 3),
         "tokens_per_s": round(decode_n / (t_last - t_first), 3) if decode_n > 0 and t_last > t_first else None,
     }
+    if speech is not None:
+        timings["first_audio_ms"] = round((t_audio - t0) * 1000, 3) if t_audio is not None else None
     yield Done(text=tok.decode(out_ids), token_ids=out_ids, finish_reason=finish, prompt_tokens=prompt.length,
-               timings=timings)
+               timings=timings, codec_ids=list(speech.codes) if speech else [],
+               audio_seconds=(speech.samples / SAMPLE_RATE) if speech else 0.0)
 
 
-def run(omni, messages: list[dict], options: GenerationOptions) -> Done:
-    """Batch API: consume the event stream, return the final `Done`."""
-    done = None
+def run(omni, messages: list[dict], options: GenerationOptions) -> tuple[Done, np.ndarray]:
+    """Batch API: consume the event stream; returns the final `Done` and the whole waveform (empty without audio)."""
+    done, chunks = None, []
     for event in generate(omni, messages, options):
-        if isinstance(event, Done):
+        if isinstance(event, AudioChunk):
+            chunks.append(event.samples)
+        elif isinstance(event, Done):
             done = event
-    return done
+    return done, (np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32))

@@ -105,7 +105,7 @@ class Variant:
     talker_head_dim: int = 16
     dit_hidden: int = 32
     dit_layers: int = 4
-    bigvgan_channels: int = 32
+    bigvgan_channels: int = 128  # halved per upsample (6x): 128 leaves 2 channels at the end
     lm_head_scale: float = 30.0
     seed: int = 0
     shard: bool = False           # write model-0000x-of-0000y.safetensors + index
