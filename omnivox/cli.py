@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="weights dtype (auto: checkpoint dtype on GPU, float32 on CPU)")
 
     bench = sub.add_parser("bench", help="benchmarks: ours vs the reference implementation, side by side")
-    bench.add_argument("what", choices=["thinker"], help="which benchmark")
+    bench.add_argument("what", choices=["thinker", "encoders", "speech"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark (see --help)")
     return p
 
