@@ -51,10 +51,12 @@ class BigVGANConfig:
             raise ValueError("BigVGAN: upsample_rates and upsample_kernel_sizes must have the same length")
         if len(cfg.resblock_kernel_sizes) != len(cfg.resblock_dilation_sizes):
             raise ValueError("BigVGAN: resblock_kernel_sizes and resblock_dilation_sizes must have the same length")
-        if cfg.upsample_initial_channel >> len(cfg.upsample_rates) < 1:
-            raise ValueError(f"BigVGAN: upsample_initial_channel {cfg.upsample_initial_channel} leaves no channels "
-                             f"after {len(cfg.upsample_rates)} halvings")
         return cfg
+
+    @property
+    def usable(self) -> bool:
+        """False when the channel halvings reach zero (it builds, as the reference does, but cannot run)."""
+        return self.upsample_initial_channel >> len(self.upsample_rates) >= 1
 
     @property
     def hop(self) -> int:
@@ -184,6 +186,9 @@ class BigVGAN(nn.Module):
 @torch.no_grad()
 def mel_to_wav(bigvgan: BigVGAN, mel: Tensor) -> Tensor:
     """mel (1, mel_dim, T) -> waveform (T * hop,) in [-1, 1]; equals the reference BigVGAN forward."""
+    if not bigvgan.cfg.usable:
+        raise ValueError(f"BigVGAN config unusable: upsample_initial_channel {bigvgan.cfg.upsample_initial_channel} "
+                         f"leaves no channels after {len(bigvgan.cfg.upsample_rates)} halvings")
     if mel.dim() != 3 or mel.shape[0] != 1 or mel.shape[1] != bigvgan.cfg.mel_dim or mel.shape[2] < 1:
         raise ValueError(f"mel must be (1, {bigvgan.cfg.mel_dim}, T >= 1), got {tuple(mel.shape)}")
     return bigvgan(mel)[0, 0]

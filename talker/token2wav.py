@@ -144,6 +144,8 @@ class VocoderStreamState:
 def start_mel(bigvgan: BigVGAN, lookahead: int | None = None) -> VocoderStreamState:
     """`lookahead` (mel frames) defaults to the receptive field, which makes streaming exact; a smaller value
     emits audio sooner but then the last samples of each chunk only approximate the one-shot output."""
+    if not bigvgan.cfg.usable:
+        raise ValueError("BigVGAN config unusable: upsample_initial_channel leaves no channels after the halvings")
     left, right = receptive_field(bigvgan.cfg)
     if lookahead is not None:
         if lookahead < 0:

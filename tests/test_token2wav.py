@@ -341,6 +341,9 @@ def test_bad_input_raises_clear_errors(ckpt):
         code_to_mel(dit, torch.zeros(10, dtype=torch.long), cond[:, :5], ref_mel, noise)
     with pytest.raises(ValueError, match="mel must be"):
         mel_to_wav(voc, torch.zeros(1, 81, 5))
+    starved = BigVGAN(BigVGANConfig.from_dict({"upsample_initial_channel": 32}))  # the "base" tiny variant's
+    with pytest.raises(ValueError, match="no channels"):
+        mel_to_wav(starved, torch.zeros(1, 80, 5))
     st = tw.start_codes(dit, cond, ref_mel)
     with pytest.raises(ValueError, match="codec codes"):
         tw.push_codes(dit, st, [8294])
