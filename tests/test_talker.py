@@ -2,9 +2,8 @@
 lock-step streaming == all-at-once, speaker / EOS / length behaviour, bad input.
 
 The oracle (`reference_talker`) copies the reference's input construction from its `generate` and calls
-`ref.talker.generate` greedily. Note: the tiny checkpoint's spk_dict.pt holds codec-range bos ids (2148, 2149) that
-lie outside the tiny Thinker vocabulary, where the reference embeds them with the Thinker's table (the official
-ones are Thinker ids 151870/151872); so these tests pick in-vocabulary speaker ids.
+`ref.talker.generate` greedily. A speaker's bos_token is a Thinker-vocabulary id (the reference embeds it with the
+Thinker's table; the official ones are 151870/151872); these tests pick their own in-vocabulary ids.
 """
 
 import copy
@@ -323,10 +322,9 @@ def test_talker_positions_equal_the_reference_talker_rope_index(setup):
 def test_bad_input_is_a_clear_error(setup):
     path, ref, talker, emb, input_ids, result, kw = setup
     prompt_hidden, reply_ids, reply_hidden = reply_of(result, input_ids)
-    spk = torch.load(path / "spk_dict.pt", weights_only=True)
     with pytest.raises(ValueError, match="outside the Thinker vocabulary"):
         talker_prefill(talker, emb, input_ids, prompt_hidden, reply_ids[0], reply_hidden[0],
-                       spk["Chelsie"]["bos_token"])
+                       emb.weight.shape[0] + 2148)  # e.g. a codec id mistaken for the Thinker-vocabulary bos
     with pytest.raises(ValueError, match="prompt_hidden"):
         talker_prefill(talker, emb, input_ids, prompt_hidden[:, 1:], reply_ids[0], reply_hidden[0], SPK_A)
     state = talker_prefill(talker, emb, input_ids, prompt_hidden, reply_ids[0], reply_hidden[0], SPK_A,
