@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     ask.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     ask.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                     help="weights dtype (auto: checkpoint dtype on GPU, float32 on CPU)")
+                     help="weights dtype (auto: the checkpoint's, bf16 for the official files; token2wav stays fp32)")
 
     bench = sub.add_parser("bench", help="benchmarks: ours vs the reference implementation, side by side")
     bench.add_argument("what", choices=["thinker", "encoders", "speech"], help="which benchmark")
