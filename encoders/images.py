@@ -207,9 +207,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def _oriented_size(img: Image.Image) -> tuple[int, int]:
     """(width, height) after EXIF orientation."""
     w, h = img.size
+    undecoded = bool(getattr(img, "tile", None))
     try:
         orientation = img.getexif().get(0x0112, 1)
-    except Exception:  # broken EXIF: Pillow's exif_transpose ignores it too
+    except Exception as e:
+        # Some formats (PNG) decode the pixels to look for EXIF after them; a failure there leaves a blank image
+        # that later reads as all zeros, so it is a decode error. Anything else is broken EXIF: ignored.
+        if undecoded and not img.tile:
+            raise ValueError(f"cannot decode image: {e}") from None
         orientation = 1
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 

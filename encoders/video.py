@@ -181,8 +181,17 @@ def _av_frames(path: str, wanted: set[int]) -> Iterator[tuple[int, np.ndarray]]:
         yield -2 - i, None
 
 
-def _cv2_probe(path: str) -> VideoInfo:
+def _cv2():
+    # OpenCV's FFmpeg backend logs demuxer errors ("moov atom not found") straight to stderr; we report them
+    # as ValueError instead. The level is read when the first capture opens, so setting it here is in time.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
     import cv2
+
+    return cv2
+
+
+def _cv2_probe(path: str) -> VideoInfo:
+    cv2 = _cv2()
 
     cap = cv2.VideoCapture(path)
     try:
@@ -199,7 +208,7 @@ def _cv2_probe(path: str) -> VideoInfo:
 
 
 def _cv2_frames(path: str, wanted: set[int]) -> Iterator[tuple[int, np.ndarray]]:
-    import cv2
+    cv2 = _cv2()
 
     cap = cv2.VideoCapture(path)
     last, i = max(wanted), -1
