@@ -28,8 +28,11 @@ def thinker_config(layers: int):
     audio = dict(encoder_layers=1, d_model=32, encoder_attention_heads=2, encoder_ffn_dim=64, output_dim=896)
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=896,
                   fullatt_block_indexes=[0])
+    ids = dict(audio_token_index=151646, image_token_index=151655, video_token_index=151656,
+               audio_start_token_id=151647, audio_end_token_id=151648, vision_start_token_id=151652,
+               vision_end_token_id=151653)  # the reference's generate() reads these from the config
     return Qwen2_5OmniThinkerConfig(text_config=text, audio_config=audio, vision_config=vision,
-                                    tie_word_embeddings=False)
+                                    tie_word_embeddings=False, **ids)
 
 
 def build(layers: int, dtype: torch.dtype):

@@ -1,0 +1,116 @@
+"""Speech in the turn pipeline: the Talker runs in lock-step behind the Thinker and token2wav streams block by
+block. Streamed codes equal the sequential (whole-reply) Talker run; the first audio arrives while the Thinker is
+still writing; the CLI writes a playable WAV and rejects bad speech options cleanly."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import tiny
+from omnivox.model import load
+from omnivox.streaming.pipeline import (SPEECH_SYSTEM_PROMPT, AudioChunk, Done, GenerationOptions, TextDelta,
+                                        generate, user_messages)
+from omnivox.streaming.prompt import build_prompt
+from omnivox.talker.model import talker_generate
+from omnivox.thinker.model import KVCache, decode_step, prefill, text_positions
+from omnivox.thinker.sampling import Sampler, SamplingParams
+from test_cli import assert_clean_error, omnivox
+
+GREEDY = SamplingParams(greedy=True)
+
+
+@pytest.fixture(scope="module")
+def omni(tiny_checkpoint):
+    path, _ = tiny_checkpoint("base")
+    return load(path, audio=True)
+
+
+def events_of(omni, text, max_new, max_codes, **kw):
+    opts = GenerationOptions(max_new_tokens=max_new, sampling=GREEDY, audio=True, talker_sampling=GREEDY,
+                             max_codec_tokens=max_codes, **kw)
+    return list(generate(omni, user_messages(text, SPEECH_SYSTEM_PROMPT), opts))
+
+
+def sequential_codes(omni, text, max_new, max_codes):
+    """Thinker to completion first, then the Talker over the whole reply (what the reference does)."""
+    messages = user_messages(text, SPEECH_SYSTEM_PROMPT)
+    with torch.inference_mode():
+        prompt = build_prompt(omni, messages)
+        cache = KVCache.allocate(omni.config.text, 1, prompt.length + max_new, dtype=torch.float32)
+        logits, prompt_hidden = prefill(omni.thinker, cache, prompt.inputs_embeds, prompt.position_ids)
+        reply, hidden = [], []
+        n = prompt.length
+        for step in range(max_new):
+            tok = int(logits.argmax(-1))
+            if tok in omni.config.eos_token_ids or step + 1 == max_new:
+                break
+            logits, h = decode_step(omni.thinker, cache, torch.tensor([tok]), text_positions(n + prompt.rope_delta, 1))
+            n += 1
+            reply.append(tok)
+            hidden.append(h[0])
+        spk = omni.speakers["Chelsie"]
+        state = talker_generate(omni.talker, omni.thinker.model.embed_tokens, prompt.input_ids, prompt_hidden, reply,
+                                torch.stack(hidden), int(spk["bos_token"]), Sampler(GREEDY),
+                                prompt_position_ids=prompt.position_ids, max_new_tokens=max_codes)
+    return state.codes
+
+
+def test_streamed_codes_equal_sequential_talker(omni):
+    events = events_of(omni, "Say something nice.", max_new=24, max_codes=60)
+    done = events[-1]
+    assert isinstance(done, Done)
+    assert done.codec_ids == sequential_codes(omni, "Say something nice.", 24, 60)
+    assert len(done.codec_ids) > 10
+
+
+def test_first_audio_arrives_while_thinker_still_writing(omni):
+    # >= 100 text tokens and >= 5 s of speech (250 codes at 50 per second)
+    events = events_of(omni, "Tell me a long story.", max_new=110, max_codes=270)
+    done = events[-1]
+    kinds = [type(e).__name__ for e in events]
+    first_audio = kinds.index("AudioChunk")
+    last_text = len(kinds) - 1 - kinds[::-1].index("TextDelta")
+    assert len(done.token_ids) >= 100 and done.audio_seconds >= 5.0, (len(done.token_ids), done.audio_seconds)
+    assert first_audio < last_text, "first audio must come before the Thinker finishes"
+    # ... and while the Talker is still running: more audio follows the first chunk
+    assert sum(k == "AudioChunk" for k in kinds[first_audio + 1:]) >= 3
+    assert done.timings["first_audio_ms"] < done.timings["text_ms"]
+    audio = np.concatenate([e.samples for e in events if isinstance(e, AudioChunk)])
+    assert audio.dtype == np.float32 and np.all(np.abs(audio) <= 1.0)
+    assert audio.size == pytest.approx(done.audio_seconds * 24000)
+
+
+def test_speaker_choice_and_unknown_speaker(omni):
+    a = events_of(omni, "Hi", max_new=6, max_codes=30, speaker="Chelsie")[-1]
+    b = events_of(omni, "Hi", max_new=6, max_codes=30, speaker="Ethan")[-1]
+    assert a.codec_ids != b.codec_ids
+    with pytest.raises(ValueError, match="Chelsie, Ethan"):
+        events_of(omni, "Hi", max_new=4, max_codes=10, speaker="Nobody")
+
+
+def test_cli_writes_wav_and_json(tiny_checkpoint, tmp_path):
+    path, _ = tiny_checkpoint("base")
+    out = tmp_path / "reply.wav"
+    r = omnivox("ask", "--model", str(path), "--text", "Hello", "--greedy", "--json", "--max-new-tokens", "8",
+                "--max-codec-tokens", "40", "--out", str(out), "--speaker", "Ethan")
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout)
+    assert j["audio"] == str(out) and j["codec_ids"] and "first_audio_ms" in j["timings"]
+    wav, sr = sf.read(str(out), dtype="float32")
+    assert sr == 24000 and wav.ndim == 1
+    assert wav.size / sr == pytest.approx(j["audio_seconds"], abs=1e-3)
+
+
+def test_cli_speech_errors(tiny_checkpoint, tmp_path):
+    path, _ = tiny_checkpoint("base")
+    r = omnivox("ask", "--model", str(path), "--text", "Hi", "--out", str(tmp_path / "x.wav"), "--speaker", "Zed")
+    assert_clean_error(r, "Zed", "Chelsie", "Ethan")
+    r = omnivox("ask", "--model", str(path), "--text", "Hi", "--out", str(tmp_path / "missing" / "x.wav"))
+    assert_clean_error(r, "does not exist")
+    text_only = tiny.Variant(name="text_only", enable_audio_output=False)
+    tpath, _ = tiny_checkpoint(text_only)
+    r = omnivox("ask", "--model", str(tpath), "--text", "Hi", "--out", str(tmp_path / "y.wav"))
+    assert_clean_error(r, "talker")
