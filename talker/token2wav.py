@@ -35,10 +35,11 @@ class StreamOptions:
     """Runtime knobs of streaming synthesis (not architecture)."""
     past_blocks: int = 2                         # context blocks before a chunk (authors' port: 48 frames)
     future_blocks: int = 1                       # context blocks after a chunk (authors' port: 24 frames)
-    # Blocks per emitted chunk; the last entry repeats. Two 1-block chunks first: mel after (1 + future) blocks
-    # of codes, and after the second one the vocoder's look-ahead is covered so audio starts; then 3-block
-    # chunks as in the authors' port (a window of past + 3 + future blocks per 3 emitted: half the cost per frame).
-    chunk_blocks: tuple[int, ...] = (1, 1, 3)
+    # Blocks per emitted chunk; the last entry repeats. A 2-block first chunk: one window of (2 + future) blocks
+    # already covers the vocoder's look-ahead (34 frames for the official config), so audio starts after 72 DiT
+    # frames (1 + 1 one-block chunks needed 48 + 72 = 120 for the same first samples); then 3-block chunks as in
+    # the authors' port (a window of past + 3 + future blocks per 3 emitted).
+    chunk_blocks: tuple[int, ...] = (2, 3)
     steps: int = 10                              # ODE time points
     guidance: float = 0.5                        # classifier-free guidance scale (< 1e-5: no null branch)
     sway: float | None = -1.0                    # sway-sampling coefficient

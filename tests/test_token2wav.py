@@ -307,8 +307,8 @@ def test_streamed_dit_is_close_to_one_shot(ckpt, strong, past, future, max_abs, 
     diff = streamed - whole
     assert diff.abs().max() <= max_abs
     assert diff.norm() / whole.norm() <= rel_l2
-    # the first chunk (one block) comes as soon as its future context is there
-    assert first == (1 + future) * dit.cfg.block_size // dit.cfg.repeats
+    # the first chunk (chunk_blocks[0] blocks) comes as soon as its future context is there
+    assert first == (opts.chunk_blocks[0] + future) * dit.cfg.block_size // dit.cfg.repeats
 
 
 def test_streaming_driver_audio_equals_vocoder_on_streamed_mel(ckpt, strong):
