@@ -9,6 +9,7 @@ from memory-mapped safetensors, so peak memory stays near the size of the weight
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +80,10 @@ class Omni:
 
 
 def build_meta(cfg: OmniConfig, audio_output: bool) -> OmniModel:
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        # small configs can give zero-width convolutions (e.g. the ECAPA Res2Net split); torch warns that
+        # initialising them is a no-op, which is harmless here: weights come from the checkpoint
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
         return OmniModel(cfg, audio_output=audio_output)
 
 
