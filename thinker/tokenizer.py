@@ -91,12 +91,7 @@ def _token_content(value) -> str | None:
 
 def _bpe_from_vocab_merges(vocab_path: Path, merges_path: Path, config: dict) -> tokenizers.Tokenizer:
     """Qwen2 byte-level BPE from vocab.json + merges.txt, added tokens at the ids tokenizer_config.json lists."""
-    try:
-        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{vocab_path} is not valid JSON ({e})") from None
-    if not isinstance(vocab, dict):
-        raise ValueError(f"{vocab_path} must map tokens to ids")
+    vocab = _read_json(vocab_path)  # the caller checked it exists
     merges = []
     for n, line in enumerate(merges_path.read_text(encoding="utf-8").splitlines(), 1):
         if not line or (n == 1 and line.startswith("#version")):
