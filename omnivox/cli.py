@@ -1,4 +1,5 @@
-"""`omnivox` command line: `ask` (one turn, streamed to stdout) and `bench` (ours vs the reference).
+"""`omnivox` command line: `ask` (one turn, streamed to stdout), `serve` (the realtime server) and `bench` (ours
+vs the reference).
 
 Every user-facing failure (bad checkpoint, bad input, bad option) prints one line on stderr and exits with 2.
 Set OMNIVOX_DEBUG=1 to get tracebacks for unexpected internal errors.
@@ -56,6 +57,28 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     ask.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="weights dtype (auto: the checkpoint's, bf16 for the official files; token2wav stays fp32)")
+
+    serve = sub.add_parser("serve", help="run the realtime server (OpenAI Realtime websocket, chat completions, "
+                           "browser pages)")
+    serve.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"checkpoint directory or Hugging Face hub id (default {DEFAULT_MODEL})")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None,
+                       help="require this key (Authorization: Bearer, or the openai-insecure-api-key. subprotocol)")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                       help="browser origin allowed to connect, e.g. https://app.example.com (repeatable)")
+    serve.add_argument("--max-sessions", type=_positive_int, default=16, help="open websocket sessions at most")
+    serve.add_argument("--max-active", type=_positive_int, default=4, help="responses generated together")
+    serve.add_argument("--max-queued", type=int, default=16, help="responses waiting; more get server_busy")
+    serve.add_argument("--max-session-seconds", type=_positive_int, default=3600)
+    serve.add_argument("--max-output-tokens", type=_positive_int, default=1024, help="Thinker tokens per response")
+    serve.add_argument("--max-codec-tokens", type=_positive_int, default=4096, help="Talker codes per response")
+    serve.add_argument("--no-audio", action="store_true", help="text only: skip the Talker and token2wav weights")
+    serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weights dtype (auto: the checkpoint's; token2wav stays fp32)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     bench = sub.add_parser("bench", help="benchmarks: ours vs the reference implementation, side by side")
     bench.add_argument("what", choices=["thinker", "encoders", "speech"], help="which benchmark")
@@ -166,6 +189,35 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import socket
+
+    from omnivox.errors import InputError
+    from omnivox.model import load
+    from omnivox.realtime import SessionLimits
+    from omnivox.server import ServerOptions, create_app, uvicorn_config
+
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.max_queued < 0:
+        raise InputError("--max-queued must be >= 0")
+    try:  # fail before loading the model when the address is taken
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    omni = load(args.model, device=_device(args.device), dtype=args.dtype, audio=not args.no_audio)
+    limits = SessionLimits(max_session_s=args.max_session_seconds, max_output_tokens=args.max_output_tokens,
+                           max_codec_tokens=args.max_codec_tokens)
+    options = ServerOptions(host=args.host, port=args.port, api_key=args.api_key,
+                            allow_origins=tuple(args.allow_origin), max_sessions=args.max_sessions,
+                            max_active=args.max_active, max_queued=args.max_queued, limits=limits)
+    import uvicorn
+
+    uvicorn.Server(uvicorn_config(create_app(omni, options), options, log_level=args.log_level)).run()
+    return 0
+
+
 def cmd_bench(args) -> int:
     # Benchmarks import the reference implementation (a test-only dependency), so they live in the source
     # checkout's benchmarks/ folder rather than in the runtime package.
@@ -191,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "ask":
             return cmd_ask(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         if args.command == "bench":
             return cmd_bench(args)
     except (OmnivoxError, ValueError) as e:

@@ -1,0 +1,210 @@
+"""The realtime server against the official `openai` SDK (unmodified) on a tiny random checkpoint: text turn,
+server-VAD audio turn, barge-in, PCM16 audio deltas; protocol robustness (each bad event -> an `error` event, the
+session goes on); concurrent sessions and server_busy; a disconnect frees everything.
+
+The server runs in-process (uvicorn in a thread on a free port) so tests can look at its engine and sessions."""
+
+import asyncio
+import base64
+import contextlib
+import gc
+import io
+import json
+import socket
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+import websockets
+from openai import AsyncOpenAI
+
+from omnivox.model import load
+from omnivox.realtime import SessionLimits
+from omnivox.server import ServerOptions, create_app, uvicorn_config
+
+sys.path.insert(0, str(Path(__file__).parent))
+from speechlike import silence, speechlike  # noqa: E402
+
+KEY = "test-key"
+QUICK = dict(max_output_tokens=8, max_codec_tokens=30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, omni, **kw):
+        limits = SessionLimits(**{**QUICK, **kw.pop("limits", {})})
+        self.options = ServerOptions(port=free_port(), api_key=kw.pop("api_key", KEY), limits=limits, **kw)
+        self.app = create_app(omni, self.options)
+        self.server = uvicorn.Server(uvicorn_config(self.app, self.options, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        for _ in range(500):
+            if self.server.started:
+                return self
+            time.sleep(0.01)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.options.port}/v1"
+
+    def client(self) -> AsyncOpenAI:
+        return AsyncOpenAI(api_key=KEY, websocket_base_url=self.url, base_url=f"http://127.0.0.1:{self.options.port}/v1")
+
+
+@pytest.fixture(scope="module")
+def omni(tiny_checkpoint):
+    path, _ = tiny_checkpoint("base")
+    return load(path, audio=True)
+
+
+@pytest.fixture(scope="module")
+def server(omni):
+    with Server(omni) as s:
+        yield s
+
+
+def run(coro, timeout=120):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def b64pcm(x: np.ndarray) -> str:
+    return base64.b64encode((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()).decode()
+
+
+async def until(conn, *types, timeout=60, log=None):
+    """Read events until one of `types`; returns it (events seen go to `log`)."""
+    async def loop():
+        async for ev in conn:
+            if log is not None:
+                log.append(ev)
+            if ev.type in types:
+                return ev
+        raise AssertionError(f"connection closed before {types}")
+    return await asyncio.wait_for(loop(), timeout)
+
+
+async def text_turn(conn, text="Hello there", log=None):
+    await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                              "content": [{"type": "input_text", "text": text}]})
+    await conn.response.create()
+    log = [] if log is None else log
+    done = await until(conn, "response.done", log=log)
+    return done, log
+
+
+# ------------------------------------------------------------------------------------------------ SDK sessions
+def test_sdk_text_turn(server):
+    async def main():
+        async with server.client().realtime.connect(model="omnivox-tiny") as conn:
+            created = await until(conn, "session.created")
+            assert created.session.model and created.session.audio.output.voice == "Chelsie"
+            await conn.session.update(session={"type": "realtime", "output_modalities": ["text"],
+                                               "instructions": "Be brief."})
+            updated = await until(conn, "session.updated")
+            assert updated.session.output_modalities == ["text"]
+            done, log = await text_turn(conn)
+            types = [e.type for e in log]
+            assert done.response.status in ("completed", "incomplete")
+            assert done.response.usage.output_tokens >= 1
+            deltas = "".join(e.delta for e in log if e.type == "response.output_text.delta")
+            text_done = next(e for e in log if e.type == "response.output_text.done")
+            assert text_done.text == deltas and deltas
+            expected = ["conversation.item.added", "conversation.item.done", "response.created",
+                        "response.output_item.added", "conversation.item.added", "response.content_part.added",
+                        "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+                        "response.output_item.done", "conversation.item.done", "response.done"]
+            order = [t for t in types if t in expected]
+            dedup = [t for k, t in enumerate(order) if k == 0 or t != order[k - 1]]
+            assert dedup == expected, dedup
+            assert "response.output_audio.delta" not in types
+    run(main())
+
+
+def test_sdk_audio_turn_with_server_vad_and_pcm16_deltas(server):
+    speech = np.concatenate([silence(0.5), speechlike(1.5, seed=1), silence(1.2)])
+
+    async def main():
+        async with server.client().realtime.connect(model="omnivox-tiny") as conn:
+            await until(conn, "session.created")
+            log = []
+            for k in range(0, len(speech), 2400):  # 100 ms appends, as a microphone would send
+                await conn.input_audio_buffer.append(audio=b64pcm(speech[k:k + 2400]))
+            started = await until(conn, "input_audio_buffer.speech_started", log=log)
+            stopped = await until(conn, "input_audio_buffer.speech_stopped", log=log)
+            assert 200 <= started.audio_start_ms <= 800 and 1500 <= stopped.audio_end_ms <= 2600
+            committed = await until(conn, "input_audio_buffer.committed", log=log)
+            assert committed.item_id == started.item_id
+            done = await until(conn, "response.done", log=log)
+            assert done.response.status in ("completed", "incomplete")
+            deltas = [e for e in log if e.type == "response.output_audio.delta"]
+            assert deltas, [e.type for e in log]
+            pcm = b"".join(base64.b64decode(e.delta) for e in deltas)
+            assert len(pcm) % 2 == 0 and len(pcm) > 0
+            samples = np.frombuffer(pcm, "<i2")
+            # 480 samples (20 ms at 24 kHz) per codec token (a few of which are control ids, EOS among them):
+            # the deltas carry the whole spoken answer
+            codes = done.response.usage.output_token_details.audio_tokens
+            assert 480 * (codes - 4) <= len(samples) <= 480 * codes, (len(samples), codes)
+            transcript = next(e for e in log if e.type == "response.output_audio_transcript.done")
+            assert transcript.transcript == "".join(e.delta for e in log
+                                                   if e.type == "response.output_audio_transcript.delta")
+    run(main())
+
+
+def test_sdk_barge_in_cancels_the_response_and_stops_audio(omni):
+    # long answer (paced at real time) so the interruption lands mid-response
+    with Server(omni, limits=dict(max_output_tokens=64, max_codec_tokens=400)) as server:
+        async def main():
+            async with server.client().realtime.connect(model="omnivox-tiny") as conn:
+                await until(conn, "session.created")
+                await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                          "content": [{"type": "input_text", "text": "Talk."}]})
+                await conn.response.create()
+                log = []
+                await until(conn, "response.output_audio.delta", log=log)
+                # the person starts speaking while the answer plays
+                speech = np.concatenate([speechlike(1.0, seed=2), silence(0.2)])
+                for k in range(0, len(speech), 2400):
+                    await conn.input_audio_buffer.append(audio=b64pcm(speech[k:k + 2400]))
+                started = await until(conn, "input_audio_buffer.speech_started", log=log)
+                t_started = time.monotonic()
+                done = await until(conn, "response.done", log=log)
+                assert time.monotonic() - t_started < 2.0
+                assert done.response.status == "cancelled"
+                assert done.response.status_details.reason == "turn_detected"
+                k = next(i for i, e in enumerate(log) if e.type == "input_audio_buffer.speech_started")
+                after = [e for e in log[k:] if e.type == "response.output_audio.delta"]
+                # paced audio: at most the lead (0.5 s) plus one delta was in flight when speech started
+                assert sum(len(base64.b64decode(e.delta)) for e in after) / 2 / 24000 <= 0.7
+                sent = sum(len(base64.b64decode(e.delta)) for e in log if e.type == "response.output_audio.delta")
+                assert sent / 2 / 24000 < 400 / 50  # not the whole answer
+                item_id = done.response.output[0].id
+                heard_ms = int(sent / 2 / 24000 * 1000) // 2
+                await conn.conversation.item.truncate(item_id=item_id, content_index=0, audio_end_ms=heard_ms)
+                truncated = await until(conn, "conversation.item.truncated", "error")
+                assert truncated.type == "conversation.item.truncated", truncated
+                assert truncated.audio_end_ms == heard_ms
+                # the turn that interrupted goes on: the session still answers
+                await conn.input_audio_buffer.append(audio=b64pcm(silence(1.0)))
+                await until(conn, "input_audio_buffer.speech_stopped")
+                assert started.item_id
+                done2 = await until(conn, "response.done")
+                assert done2.response.status in ("completed", "incomplete")
+        run(main())
