@@ -139,7 +139,7 @@ export class VoiceApp {
     this.muted = m;
     this.el.mute.setAttribute("aria-pressed", String(m));
     this.el.mute.textContent = m ? "Unmute" : "Mute";
-    this.el.mute.title = m ? "Microphone is muted: silence is sent instead" : "Stop sending the microphone";
+    this.el.mute.title = m ? "Microphone is muted: silence is sent instead" : "Mute the microphone";
     document.body.classList.toggle("muted", m);
   }
 
@@ -148,25 +148,33 @@ export class VoiceApp {
     this.running = true;
     this.el.start.disabled = true;
     this.clearNotice("mic");
+    this.engine = new AudioEngine({
+      onChunk: (pcm, rms) => this.onMicChunk(pcm, rms),
+      onPlayback: (m) => this.onPlayback(m),
+    });
+    this.engine.createContext(); // still inside the click: the browser lets this context play sound
     try {
       this.stream = await openMedia({ video: this.video });
     } catch (e) {
+      await this.engine.close();
+      this.engine = null;
       this.running = false;
       this.el.start.disabled = false;
       this.fail("mic", mediaErrorMessage(e, this.video ? "microphone and camera" : "microphone"));
       return;
     }
     if (this.stream.cameraError) this.notice("camera", mediaErrorMessage(this.stream.cameraError, "camera"), "warn");
-    this.engine = new AudioEngine({
-      onChunk: (pcm, rms) => this.onMicChunk(pcm, rms),
-      onPlayback: (m) => this.onPlayback(m),
-    });
     try {
       await this.engine.start(this.stream);
     } catch (e) {
       this.fail("audio", `Could not start audio processing: ${e.message}`);
       await this.stop();
       return;
+    }
+    if (this.engine.suspended) {
+      this.notice("sound", "The browser is holding back sound: click anywhere on the page to enable it.", "warn");
+      const resume = () => this.engine && this.engine.resume().then(() => this.clearNotice("sound"));
+      document.addEventListener("pointerdown", resume, { once: true });
     }
     this.client = new RealtimeClient({
       apiKey: this.el.apiKey ? this.el.apiKey.value.trim() : "",
@@ -195,7 +203,10 @@ export class VoiceApp {
     this.el.start.classList.remove("active");
     this.el.mute.disabled = true;
     this.el.level.style.setProperty("--level", "0");
-    this.audible = this.userSpeaking = this.responseActive = false;
+    this.resetSession();
+    this.hadSession = false; // the next Start is a fresh conversation, not a reconnect
+    this.clearNotice("connection");
+    this.clearNotice("sound");
     this.emit("stopped");
     this.setState("idle");
   }

@@ -86,9 +86,14 @@ export class AudioEngine {
     this.stopWaiters = [];
   }
 
+  /** Create the AudioContext: call it synchronously inside the click handler, so autoplay rules let it run. */
+  createContext() {
+    this.ctx = new AudioContext({ latencyHint: "interactive" });
+    return this.ctx;
+  }
+
   async start(stream) {
-    const ctx = new AudioContext({ latencyHint: "interactive" });
-    this.ctx = ctx;
+    const ctx = this.ctx || this.createContext();
     await Promise.all([
       ctx.audioWorklet.addModule("/static/capture-worklet.js"),
       ctx.audioWorklet.addModule("/static/playback-worklet.js"),
@@ -119,7 +124,16 @@ export class AudioEngine {
       this.onPlayback(e.data);
     };
     this.playback.connect(ctx.destination);
-    if (ctx.state !== "running") await ctx.resume().catch(() => {});
+    if (ctx.state !== "running") await Promise.race([ctx.resume().catch(() => {}), new Promise((r) => setTimeout(r, 500))]);
+  }
+
+  /** The context may stay suspended when the browser wants a gesture first (e.g. after a long permission prompt). */
+  get suspended() {
+    return !!this.ctx && this.ctx.state === "suspended";
+  }
+
+  resume() {
+    return this.ctx ? this.ctx.resume() : Promise.resolve();
   }
 
   play(itemId, int16) {
