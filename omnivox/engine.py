@@ -140,7 +140,8 @@ class Engine:
             raise ValueError("max_buffered must be >= 1")
         s = _Stream(make_gen, cancel, max_buffered, asyncio.get_running_loop())
         with self._lock:
-            if len(self._active) + len(self._waiting) >= self.max_active + self.max_queued:
+            live = sum(not x.cancel.is_set() for x in self._active) + sum(not x.cancel.is_set() for x in self._waiting)
+            if live >= self.max_active + self.max_queued:
                 raise EngineBusy(f"the server is busy ({self.max_active} active and {self.max_queued} queued "
                                  "responses); try again shortly")
             self._waiting.append(s)
@@ -148,8 +149,13 @@ class Engine:
         return _StreamIterator(self, s)
 
     def stats(self) -> dict:
+        """active / queued: turns being served / waiting; closing: cancelled turns whose generator the worker
+        closes once the step in flight (one token, or one token2wav block) returns; jobs: short jobs waiting."""
         with self._lock:
-            return {"active": len(self._active), "queued": len(self._waiting), "jobs": len(self._jobs)}
+            closing = sum(s.cancel.is_set() for s in self._active) + sum(s.cancel.is_set() for s in self._waiting)
+            return {"active": sum(not s.cancel.is_set() for s in self._active),
+                    "queued": sum(not s.cancel.is_set() for s in self._waiting),
+                    "closing": closing, "jobs": len(self._jobs)}
 
     # ------------------------------------------------------------------------------------------------ worker
     def _consumed(self, s: _Stream) -> None:

@@ -253,7 +253,7 @@ def create_app(omni, options: ServerOptions | None = None) -> Starlette:
 def uvicorn_config(app: Starlette, options: ServerOptions, log_level: str = "info"):
     import uvicorn
 
-    return uvicorn.Config(app, host=options.host, port=options.port, ws="websockets",
+    return uvicorn.Config(app, host=options.host, port=options.port, ws="websockets-sansio",
                           ws_max_size=options.ws_max_size, log_level=log_level, lifespan="on")
 
 

@@ -131,7 +131,7 @@ def test_over_the_limits_raises_engine_busy_at_once_and_queued_streams_run_later
         gate.set()
         await asyncio.gather(collect(a), collect(b))
         assert await collect(c) == ["q0", "q1"]
-        assert engine.stats() == {"active": 0, "queued": 0, "jobs": 0}
+        assert engine.stats() == {"active": 0, "queued": 0, "closing": 0, "jobs": 0}
 
     run(main())
 
