@@ -468,3 +468,11 @@ def test_client_disconnect_cancels_a_non_streamed_turn(server, http):
     while engine.stats()["active"] or metric(http, "omnivox_responses_total", status="cancelled") == before:
         assert time.perf_counter() - t0 < 5, ("the turn was not cancelled", engine.stats())
         time.sleep(0.05)
+
+
+def test_streamed_wav_request_streams_raw_pcm16_chunks(http):
+    # documented choice: a stream carries PCM16 chunks whatever audio.format says (no WAV header mid-stream)
+    events = stream(http, messages=STORY, modalities=["text", "audio"], audio={"voice": "Chelsie", "format": "wav"},
+                    temperature=0, seed=1, max_tokens=3, max_audio_tokens=40)
+    chunks = [base64.b64decode(d["audio"]["data"]) for d in deltas(events) if "data" in d.get("audio", {})]
+    assert chunks and chunks[0][:4] != b"RIFF" and all(len(c) % 2 == 0 for c in chunks)
