@@ -263,7 +263,7 @@ class _EnergyTurnDetector:
                 self.last_voice_end = end_ms
                 if not self.speaking and self.run >= 3:
                     self.speaking = True
-                    events.append(_SpeechStarted(max(0, start_ms - 60 - self.config.prefix_padding_ms)))
+                    events.append(_SpeechStarted(max(0, start_ms - 60)))
             else:
                 self.run = 0
                 if self.speaking:
@@ -425,6 +425,7 @@ class RealtimeSession:
         self.response: _Response | None = None
         self.timeline = _Timeline()
         self.vad = None
+        self.vad_origin_ms = 0
         self._new_vad()
         self.turn_item: str | None = None       # user audio item being spoken (server VAD)
         self.turn_start = 0                     # 16 kHz index where the buffered / spoken turn starts
@@ -460,6 +461,8 @@ class RealtimeSession:
             return
         self.vad = TurnDetector(VadConfig(threshold=td["threshold"], prefix_padding_ms=td["prefix_padding_ms"],
                                           silence_duration_ms=td["silence_duration_ms"]), sample_rate=SAMPLE_RATE)
+        # the detector's clock starts at its first sample; event times are session times
+        self.vad_origin_ms = self.timeline.in_samples * 1000 // SAMPLE_RATE if self.timeline else 0
 
     # ------------------------------------------------------------------------------------------------ main loop
     async def run(self) -> None:
@@ -729,9 +732,11 @@ class RealtimeSession:
         td = self.settings.turn_detection
         for ev in self.vad.push(x):
             if isinstance(ev, SpeechStarted) and self.turn_item is None:
-                await self._speech_started(ev.audio_start_ms, td)
+                # OpenAI's audio_start_ms is where the item's audio begins: prefix_padding_ms before the speech
+                start = max(0, self.vad_origin_ms + ev.audio_start_ms - td["prefix_padding_ms"])
+                await self._speech_started(start, td)
             elif isinstance(ev, SpeechStopped) and self.turn_item is not None:
-                await self._speech_stopped(ev.audio_end_ms, td)
+                await self._speech_stopped(self.vad_origin_ms + ev.audio_end_ms, td)
         if self.turn_item is not None:
             # push what cannot be trailing silence yet; batches of >= 0.2 s keep the job count low
             limit = tl.end - td["silence_duration_ms"] * ENCODER_RATE // 1000

@@ -148,7 +148,9 @@ def test_sdk_audio_turn_with_server_vad_and_pcm16_deltas(server):
                 await conn.input_audio_buffer.append(audio=b64pcm(speech[k:k + 2400]))
             started = await until(conn, "input_audio_buffer.speech_started", log=log)
             stopped = await until(conn, "input_audio_buffer.speech_stopped", log=log)
-            assert 200 <= started.audio_start_ms <= 800 and 1500 <= stopped.audio_end_ms <= 2600
+            # speech from 0.5 s to 2.0 s; the item starts prefix_padding_ms (300) before the detected start
+            assert 120 <= started.audio_start_ms <= 350, started
+            assert 1900 <= stopped.audio_end_ms <= 2200, stopped
             committed = await until(conn, "input_audio_buffer.committed", log=log)
             assert committed.item_id == started.item_id
             done = await until(conn, "response.done", log=log)
@@ -208,3 +210,32 @@ def test_sdk_barge_in_cancels_the_response_and_stops_audio(omni):
                 done2 = await until(conn, "response.done")
                 assert done2.response.status in ("completed", "incomplete")
         run(main())
+
+
+def test_speech_is_prefilled_while_the_person_speaks(server):
+    """Streaming in: during a 4 s question, audio goes into the conversation window by window before the turn
+    ends, so only the last fraction of a second is left when speech_stopped comes."""
+    speech = np.concatenate([silence(0.3), speechlike(4.0, seed=5), silence(1.0)])
+    state = server.app.state
+
+    async def main():
+        async with server.client().realtime.connect(model="omnivox-tiny") as conn:
+            await until(conn, "session.created")
+            session = next(iter(state.sessions.values()))
+            conv = session.conv
+            pushed = []
+            real_push = conv.push_audio
+            conv.push_audio = lambda x: (pushed.append((time.monotonic(), len(x))), real_push(x))[1]
+            await conn.session.update(session={"type": "realtime", "output_modalities": ["text"]})
+            await until(conn, "session.updated")
+            for k in range(0, len(speech), 2400):
+                await conn.input_audio_buffer.append(audio=b64pcm(speech[k:k + 2400]))
+                await asyncio.sleep(0.02)
+            await until(conn, "input_audio_buffer.speech_stopped")
+            t_stop = time.monotonic()
+            await until(conn, "response.done")
+            before = sum(n for t, n in pushed if t < t_stop) / 16000
+            total = sum(n for _, n in pushed) / 16000
+            assert 4.0 <= total <= 4.6, total
+            assert before >= 3.0, (before, total)
+    run(main())

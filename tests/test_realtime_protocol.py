@@ -333,3 +333,20 @@ def test_session_ends_at_its_maximum_length(omni):
                 with pytest.raises(websockets.ConnectionClosed):
                     await asyncio.wait_for(c.ws.recv(), 5)
         run(main())
+
+
+def test_input_audio_buffer_limit(omni):
+    with Server(omni, limits=dict(max_input_audio_s=1.0)) as server:
+        async def main():
+            async with Raw(server) as c:
+                await c.until("session.created")
+                await c.send({"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}})
+                await c.until("session.updated")
+                for _ in range(3):
+                    await c.send({"type": "input_audio_buffer.append", "audio": b64pcm(silence(0.4))})
+                err = await c.until("error")
+                assert err["error"]["code"] == "input_audio_buffer_full"
+                await c.send({"type": "input_audio_buffer.commit"})
+                committed = await c.until("input_audio_buffer.committed")
+                assert committed["item_id"]
+        run(main())
