@@ -239,3 +239,24 @@ def test_speech_is_prefilled_while_the_person_speaks(server):
             assert 4.0 <= total <= 4.6, total
             assert before >= 3.0, (before, total)
     run(main())
+
+
+def test_beta_sdk_client_gets_beta_event_names(server):
+    async def main():
+        async with server.client().beta.realtime.connect(model="omnivox-tiny") as conn:
+            created = await until(conn, "session.created")
+            assert created.session.voice == "Chelsie" and created.session.modalities == ["text", "audio"]
+            await conn.session.update(session={"modalities": ["text"], "voice": "ethan", "turn_detection": None,
+                                               "input_audio_format": "pcm16"})
+            updated = await until(conn, "session.updated")
+            assert updated.session.voice == "Ethan" and updated.session.turn_detection is None
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "Hi"}]})
+            await conn.response.create()
+            log = []
+            done = await until(conn, "response.done", log=log)
+            types = {e.type for e in log}
+            assert "response.text.delta" in types and "response.text.done" in types
+            assert "response.output_text.delta" not in types
+            assert done.response.status in ("completed", "incomplete")
+    run(main())
