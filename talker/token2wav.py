@@ -14,7 +14,12 @@ What is notable here:
   from one whole-utterance run by the truncated context only (measured in tests/test_token2wav.py).
 - Vocoder streaming is exact: windows overlap by the BigVGAN receptive field (`bigvgan.receptive_field`, 34 mel
   frames each way for the official config) and only samples whose whole receptive field was inside the window
-  are emitted. The price is `right` frames (340 ms of audio) of look-ahead on top of the DiT's.
+  are emitted. The price is `right` frames (340 ms of audio) of look-ahead on top of the DiT's. Except once: the
+  first chunk is vocoded with its DiT window's future-context frames standing in for the look-ahead
+  (`StreamOptions.early_vocoder`), so the first audio needs one 48-frame DiT window and 24 codes, not two
+  windows; only those first samples depend on provisional frames (measured in tests/test_token2wav.py).
+- Time to first audio is Talker steps for 24 codes + one DiT solve over 48 frames + BigVGAN over 48 frames.
+  `StreamOptions.first_steps` (explicit, off by default) solves that first window with fewer ODE points.
 - State lives in small dataclasses passed to functions; the modules stay stateless.
 """
 
@@ -35,12 +40,20 @@ class StreamOptions:
     """Runtime knobs of streaming synthesis (not architecture)."""
     past_blocks: int = 2                         # context blocks before a chunk (authors' port: 48 frames)
     future_blocks: int = 1                       # context blocks after a chunk (authors' port: 24 frames)
-    # Blocks per emitted chunk; the last entry repeats. A 2-block first chunk: one window of (2 + future) blocks
-    # already covers the vocoder's look-ahead (34 frames for the official config), so audio starts after 72 DiT
-    # frames (1 + 1 one-block chunks needed 48 + 72 = 120 for the same first samples); then 3-block chunks as in
-    # the authors' port (a window of past + 3 + future blocks per 3 emitted).
-    chunk_blocks: tuple[int, ...] = (2, 3)
+    # Blocks per emitted chunk; the last entry repeats. The first chunk is one block: its window is that block
+    # plus its future block (48 frames, 24 codes), the least one evaluation's receptive field allows. Later chunks
+    # grow (2, then 4 blocks) so fewer frames are solved twice as context: a window of past + 4 + future blocks
+    # per 4 emitted (1.75 frames solved per frame emitted, the authors' 3-block chunks need 2).
+    chunk_blocks: tuple[int, ...] = (1, 2, 4)
+    # First chunk only: vocode it with its window's future-context frames (not final yet) as the vocoder's
+    # look-ahead, so audio starts after that one window instead of waiting for the next chunk's window. The
+    # first chunk's samples then depend on 24 provisional mel frames (bound measured in tests/test_token2wav.py);
+    # from there on the vocoder is exact on the final mel. False: exact from the first sample, later.
+    early_vocoder: bool = True
     steps: int = 10                              # ODE time points
+    # Explicit fast start (off by default): ODE time points for the first chunk's window only. Fewer points
+    # make the first audio sooner at a measured cost in accuracy (see `omnivox bench speech --first-steps`).
+    first_steps: int | None = None
     guidance: float = 0.5                        # classifier-free guidance scale (< 1e-5: no null branch)
     sway: float | None = -1.0                    # sway-sampling coefficient
     seed: int = 0                                # noise seed (see dit.frame_noise)
@@ -62,6 +75,7 @@ class DiTStreamState:
     next_block: int = 0              # first block not yet emitted
     chunk_index: int = 0
     finished: bool = False
+    provisional: Tensor | None = None  # (1, mel_dim, n): the last window's frames after its chunk (not final)
 
 
 def start_codes(dit: DiT, cond: Tensor, ref_mel: Tensor, options: StreamOptions = StreamOptions()) -> DiTStreamState:
@@ -71,6 +85,8 @@ def start_codes(dit: DiT, cond: Tensor, ref_mel: Tensor, options: StreamOptions 
     if options.past_blocks < 0 or options.future_blocks < 0 or not options.chunk_blocks \
             or min(options.chunk_blocks) < 1:
         raise ValueError(f"bad stream options {options}: context blocks >= 0, chunk_blocks a tuple of ints >= 1")
+    if options.steps < 2 or (options.first_steps is not None and options.first_steps < 2):
+        raise ValueError(f"bad stream options {options}: steps and first_steps need >= 2 time points")
     device = dit.proj_out.weight.device
     speaker = dit.encode_speaker(cond.to(device), ref_mel.to(device), cfg=options.guidance >= 1e-5)
     return DiTStreamState(speaker=speaker, options=options,
@@ -108,15 +124,17 @@ def _emit(dit: DiT, st: DiTStreamState, final: bool) -> Tensor:
             break  # its future context has not arrived yet
         start, end = st.next_block * bs, min(end_block * bs, total)
         ws, we = max(0, start - o.past_blocks * bs), min(total, (end_block + o.future_blocks) * bs)
-        mel = _window(dit, st, ws, we)                                                      # (1, we - ws, mel)
+        steps = o.first_steps if (st.chunk_index == 0 and o.first_steps is not None) else o.steps
+        mel = _window(dit, st, ws, we, steps)                                               # (1, we - ws, mel)
         chunks.append(mel[:, start - ws:end - ws])
+        st.provisional = mel[:, end - ws:].transpose(1, 2)                                  # (1, mel, we - end)
         st.next_block, st.chunk_index = end_block, st.chunk_index + 1
     if not chunks:
         return torch.zeros(1, c.mel_dim, 0, device=st.codes.device)
     return torch.cat(chunks, dim=1).transpose(1, 2)                                         # (1, mel, n)
 
 
-def _window(dit: DiT, st: DiTStreamState, ws: int, we: int) -> Tensor:
+def _window(dit: DiT, st: DiTStreamState, ws: int, we: int, steps: int) -> Tensor:
     """Solve the ODE over mel frames [ws, we) of the utterance -> (1, we - ws, mel_dim)."""
     c, o = dit.cfg, st.options
     have = st.noise.shape[1]
@@ -124,7 +142,7 @@ def _window(dit: DiT, st: DiTStreamState, ws: int, we: int) -> Tensor:
         more = frame_noise(o.seed, have, we, c.mel_dim, c.block_size, device=st.noise.device)
         st.noise = torch.cat([st.noise, more], dim=1)
     inp = dit.prepare(st.codes[ws // c.repeats:we // c.repeats], st.speaker, o.guidance, start=ws)
-    return solve(dit, inp, st.noise[:, ws:we], o.steps, o.sway)
+    return solve(dit, inp, st.noise[:, ws:we], steps, o.sway)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,15 +174,24 @@ def start_mel(bigvgan: BigVGAN, lookahead: int | None = None) -> VocoderStreamSt
     return VocoderStreamState(left=left, right=right, mel=torch.zeros(1, bigvgan.cfg.mel_dim, 0, device=device))
 
 
-def push_mel(bigvgan: BigVGAN, st: VocoderStreamState, mel: Tensor) -> Tensor:
-    """Add mel frames (1, mel_dim, n); returns the waveform samples that became final, (k * hop,)."""
+def push_mel(bigvgan: BigVGAN, st: VocoderStreamState, mel: Tensor, lookahead: Tensor | None = None) -> Tensor:
+    """Add mel frames (1, mel_dim, n); returns the waveform samples that became final, (k * hop,).
+
+    `lookahead` (1, mel_dim, m): provisional frames that follow `mel` (e.g. the DiT window's future context). They
+    are not kept; they only stand in for the look-ahead, so samples of up to m more frames come out now. Those
+    samples then depend on the provisional frames (approximate); everything after them is exact again.
+    """
     if st.finished:
         raise ValueError("push_mel after finish_mel: start a new stream")
-    if mel.dim() != 3 or mel.shape[:2] != (1, bigvgan.cfg.mel_dim):
-        raise ValueError(f"mel chunk must be (1, {bigvgan.cfg.mel_dim}, n), got {tuple(mel.shape)}")
+    for name, m in (("mel chunk", mel), ("lookahead", lookahead)):
+        if m is not None and (m.dim() != 3 or m.shape[:2] != (1, bigvgan.cfg.mel_dim)):
+            raise ValueError(f"{name} must be (1, {bigvgan.cfg.mel_dim}, n), got {tuple(m.shape)}")
     st.mel = torch.cat([st.mel, mel.to(st.mel.device, st.mel.dtype)], dim=2)
     st.frames += mel.shape[2]
-    return _vocode(bigvgan, st, st.frames - st.right)
+    if lookahead is None or lookahead.shape[2] == 0:
+        return _vocode(bigvgan, st, st.frames - st.right)
+    upto = min(st.frames, st.frames + lookahead.shape[2] - st.right)
+    return _vocode(bigvgan, st, upto, lookahead.to(st.mel.device, st.mel.dtype))
 
 
 def finish_mel(bigvgan: BigVGAN, st: VocoderStreamState) -> Tensor:
@@ -176,13 +203,16 @@ def finish_mel(bigvgan: BigVGAN, st: VocoderStreamState) -> Tensor:
 
 
 @torch.no_grad()
-def _vocode(bigvgan: BigVGAN, st: VocoderStreamState, upto: int) -> Tensor:
-    """Emit the samples of frames [emitted, upto): vocode frames [emitted - left, frames) and trim."""
+def _vocode(bigvgan: BigVGAN, st: VocoderStreamState, upto: int, lookahead: Tensor | None = None) -> Tensor:
+    """Emit the samples of frames [emitted, upto): vocode frames [emitted - left, frames) (+ lookahead), trim."""
     hop = bigvgan.cfg.hop
     if upto <= st.emitted:
         return torch.zeros(0, device=st.mel.device)
     ws = max(0, st.emitted - st.left)
-    wav = bigvgan(st.mel[:, :, ws - st.start:])[0, 0]                                       # ((frames - ws) hop,)
+    mel = st.mel[:, :, ws - st.start:]
+    if lookahead is not None:
+        mel = torch.cat([mel, lookahead], dim=2)                                            # (1, mel, n + m)
+    wav = bigvgan(mel)[0, 0]                                                                # ((n [+ m]) hop,)
     out = wav[(st.emitted - ws) * hop:(upto - ws) * hop]
     st.emitted = upto
     keep = max(0, upto - st.left)                                                           # next window start
@@ -235,7 +265,8 @@ class Token2WavDriver:
     def push(self, st: Token2WavStreamState, codes: Tensor | list[int]) -> Tensor:
         """Add codes; returns the waveform samples that became final (possibly none)."""
         mel = push_codes(self.dit, st.dit, codes)
-        return self._vocode(st, mel, final=False)
+        early = st.dit.options.early_vocoder and st.vocoder.emitted == 0 and mel.shape[2] > 0
+        return self._vocode(st, mel, final=False, lookahead=st.dit.provisional if early else None)
 
     @torch.no_grad()
     def finish(self, st: Token2WavStreamState) -> Tensor:
@@ -243,9 +274,9 @@ class Token2WavDriver:
         mel = finish_codes(self.dit, st.dit)
         return self._vocode(st, mel, final=True)
 
-    def _vocode(self, st: Token2WavStreamState, mel: Tensor, final: bool) -> Tensor:
+    def _vocode(self, st: Token2WavStreamState, mel: Tensor, final: bool, lookahead: Tensor | None = None) -> Tensor:
         st.mel_frames += mel.shape[2]
-        parts = [push_mel(self.bigvgan, st.vocoder, mel)] if mel.shape[2] else []
+        parts = [push_mel(self.bigvgan, st.vocoder, mel, lookahead)] if mel.shape[2] else []
         if final:
             parts.append(finish_mel(self.bigvgan, st.vocoder))
         wav = torch.cat(parts) if parts else torch.zeros(0, device=mel.device)
