@@ -37,15 +37,12 @@ import soxr
 from omnivox.engine import EngineBusy
 from omnivox.streaming.pipeline import (SAMPLE_RATE, SPEECH_SYSTEM_PROMPT, AudioChunk, Done, GenerationOptions,
                                         TextDelta, default_sampling)
+from omnivox.streaming.vad import SpeechStarted, SpeechStopped, TurnDetector, VadConfig, item_start_ms
 
 try:
     from omnivox.streaming.conversation import Conversation
 except ImportError:  # CONV's module is not in yet: the re-rendering stand-in below
     Conversation = None
-try:
-    from omnivox.streaming.vad import SpeechStarted, SpeechStopped, TurnDetector, VadConfig
-except ImportError:  # VAD's module is not in yet: the energy stand-in below
-    TurnDetector = None
 
 ENCODER_RATE = 16000
 MAX_EVENT_BYTES = 15 * 1024 * 1024
@@ -147,7 +144,7 @@ def decode_image(url, param: str):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stand-ins until streaming/conversation.py and streaming/vad.py land (same interfaces as SERVER.md)
+# Stand-in until streaming/conversation.py lands (same interface as SERVER.md)
 
 class _ReRenderConversation:
     """Conversation stand-in: keeps the items and re-renders the whole history through pipeline.generate each
@@ -224,72 +221,8 @@ class _ReRenderConversation:
             item[2] = [{"type": "text", "text": text[:keep]}] if keep else []
 
 
-@dataclass
-class _Vad:
-    threshold: float = 0.5
-    prefix_padding_ms: int = 300
-    silence_duration_ms: int = 500
-
-
-class _EnergyTurnDetector:
-    """TurnDetector stand-in: frame energy with hysteresis (the real one is Silero VAD)."""
-
-    def __init__(self, config, sample_rate: int = 24000):
-        self.config, self.sr = config, sample_rate
-        self.frame = sample_rate * 30 // 1000
-        self.reset()
-
-    def reset(self) -> None:
-        self.pending = np.zeros(0, np.float32)
-        self.pos = 0
-        self.speaking = False
-        self.run = 0
-        self.silent_ms = 0
-        self.last_voice_end = 0
-
-    def push(self, pcm: np.ndarray) -> list:
-        events = []
-        x = np.concatenate([self.pending, np.asarray(pcm, np.float32)])
-        n = len(x) // self.frame
-        for k in range(n):
-            fr = x[k * self.frame:(k + 1) * self.frame]
-            voiced = float(np.sqrt(np.mean(fr * fr))) > 0.02 * (self.config.threshold / 0.5)
-            start_ms = self.pos * 1000 // self.sr
-            self.pos += self.frame
-            end_ms = self.pos * 1000 // self.sr
-            if voiced:
-                self.run += 1
-                self.silent_ms = 0
-                self.last_voice_end = end_ms
-                if not self.speaking and self.run >= 3:
-                    self.speaking = True
-                    events.append(_SpeechStarted(max(0, start_ms - 60)))
-            else:
-                self.run = 0
-                if self.speaking:
-                    self.silent_ms += end_ms - start_ms
-                    if self.silent_ms >= self.config.silence_duration_ms:
-                        self.speaking = False
-                        events.append(_SpeechStopped(self.last_voice_end))
-        self.pending = x[n * self.frame:]
-        return events
-
-
-@dataclass
-class _SpeechStarted:
-    audio_start_ms: int
-
-
-@dataclass
-class _SpeechStopped:
-    audio_end_ms: int
-
-
 if Conversation is None:
     Conversation = _ReRenderConversation
-if TurnDetector is None:
-    TurnDetector, VadConfig, SpeechStarted, SpeechStopped = (_EnergyTurnDetector, _Vad, _SpeechStarted,
-                                                              _SpeechStopped)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -733,7 +666,7 @@ class RealtimeSession:
         for ev in self.vad.push(x):
             if isinstance(ev, SpeechStarted) and self.turn_item is None:
                 # OpenAI's audio_start_ms is where the item's audio begins: prefix_padding_ms before the speech
-                start = max(0, self.vad_origin_ms + ev.audio_start_ms - td["prefix_padding_ms"])
+                start = self.vad_origin_ms + item_start_ms(ev, self.vad.config)
                 await self._speech_started(start, td)
             elif isinstance(ev, SpeechStopped) and self.turn_item is not None:
                 await self._speech_stopped(self.vad_origin_ms + ev.audio_end_ms, td)
