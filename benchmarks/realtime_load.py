@@ -17,8 +17,13 @@ Measured per turn (client clock, loopback):
 - user latency: last speech sample sent -> first audio delta (adds the silence_duration_ms the VAD waits for);
 - turns started (speech_started) / completed (response.done completed or incomplete) / cancelled / failed,
   error events by code, turns with no speech_stopped or no audio before the timeout;
+- speech_stopped lag: its arrival minus when the audio that completes its silence window was sent — how far the
+  server's reading of appends (and so its VAD) runs behind real time;
 - server RSS (psutil, else /proc/PID/status VmRSS) before the sessions, at the end (sessions closed, +2 s) and the
   peak sampled every second; the server's own /metrics histograms (end-of-turn and first-audio means).
+Server events are tied to turns by audio time (speech_started/stopped carry audio_start_ms/audio_end_ms on the
+session's input clock, which the client keeps), responses to the turn whose speech_stopped came last, so a server
+that runs seconds behind does not shift the bookkeeping; VAD events outside every question are counted.
 Prints a table; --json FILE writes every figure and the per-turn records.
 For the issue's question-length figures run with --sessions 1 and --question-seconds 3, then 15.
 """
@@ -49,6 +54,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from speechlike import silence, speechlike, to_pcm16  # noqa: E402
 
 RATE = 24000
+SILENCE_MS = 500                # server_vad silence_duration_ms (OpenAI default)
 T0 = time.monotonic()
 
 
@@ -155,9 +161,14 @@ def tiny_model_dir(tmp: Path) -> Path:
 class Turn:
     session: int
     index: int
-    speech_end_sent: float | None = None      # client monotonic time the last speech sample was sent
-    speech_started: float | None = None
+    question_start_ms: int = 0                # where the question lies in the session's input audio (ms)
+    question_end_ms: int = 0
+    t_audio0: float = 0.0                     # client time the session audio at question_start_ms was sent
+    speech_end_sent: float | None = None      # client time the last speech sample was sent
+    speech_started: float | None = None       # client times the events arrived
     speech_stopped: float | None = None
+    audio_start_ms: int | None = None         # the server's event fields
+    audio_end_ms: int | None = None
     first_audio: float | None = None
     done: float | None = None
     status: str | None = None                 # response.done status, or timeout / no_speech_stopped / busy
@@ -176,26 +187,41 @@ class Turn:
             return None
         return (self.first_audio - self.speech_end_sent) * 1000.0
 
+    def stop_lag_ms(self, silence_duration_ms: int) -> float | None:
+        """speech_stopped arrival - when the audio that completes its silence window was sent: the server's
+        backlog in reading appends (about 0, within a window or two, when it keeps up)."""
+        if self.speech_stopped is None or self.audio_end_ms is None:
+            return None
+        sent = self.t_audio0 + (self.audio_end_ms + silence_duration_ms - self.question_start_ms) / 1000.0
+        return (self.speech_stopped - sent) * 1000.0
+
 
 @dataclass
 class SessionResult:
     index: int
     turns: list[Turn] = field(default_factory=list)
     errors: dict = field(default_factory=dict)      # error code -> count
+    unmatched_vad_events: int = 0                   # speech_started/stopped whose audio time is in no question
     fatal: str | None = None
 
 
-def _b64_chunks(x: np.ndarray, chunk: int) -> list[str]:
-    return [base64.b64encode(to_pcm16(x[i : i + chunk])).decode() for i in range(0, len(x), chunk)]
+def _b64_chunks(x: np.ndarray, chunk: int) -> list[tuple[str, int]]:
+    """[(base64 PCM16, samples)] of `chunk` samples each."""
+    return [(base64.b64encode(to_pcm16(x[i : i + chunk])).decode(), len(x[i : i + chunk]))
+            for i in range(0, len(x), chunk)]
 
 
 async def run_session(k: int, url: str, args: argparse.Namespace, deadline: float, t_start: float) -> SessionResult:
+    """One client: turns of (lead silence, question, silence until the response is done). Server events are tied to
+    turns by audio time (speech_started/stopped carry audio_start_ms/audio_end_ms on the session's input clock),
+    and responses to the turn whose speech_stopped came last, so a lagging server never shifts the bookkeeping."""
     import websockets
 
     res = SessionResult(k)
     chunk = RATE * args.chunk_ms // 1000
-    silent_chunk = base64.b64encode(to_pcm16(silence(args.chunk_ms / 1000))).decode()
-    lead = _b64_chunks(silence(args.lead_silence), chunk)
+    silent_chunk = _b64_chunks(silence(chunk / RATE), chunk)[0]
+    lead_chunks = _b64_chunks(silence(args.lead_silence), chunk)
+    sent_samples = 0                                    # the session's input clock
     await asyncio.sleep(args.stagger * k)               # sessions do not all speak in the same instant
     try:
         ws = await asyncio.wait_for(websockets.connect(url, subprotocols=["realtime"], max_size=2 ** 24,
@@ -203,11 +229,20 @@ async def run_session(k: int, url: str, args: argparse.Namespace, deadline: floa
     except Exception as e:                               # noqa: BLE001 - reported, the other sessions go on
         res.fatal = f"connect: {type(e).__name__}: {e}"
         return res
-    turn: Turn | None = None          # the turn in progress (the reader reads it, the sender replaces it)
-    response_done = asyncio.Event()
     ready = asyncio.Event()
+    changed = asyncio.Event()                           # set on every event that may end the current turn
+    last_stopped: Turn | None = None                    # the turn a new response belongs to
+    by_response: dict[str, Turn] = {}
+    margin_ms = 1500
+
+    def turn_at(ms: int) -> Turn | None:
+        for t in reversed(res.turns):
+            if t.question_start_ms - margin_ms <= ms <= t.question_end_ms + margin_ms:
+                return t
+        return None
 
     async def reader():
+        nonlocal last_stopped
         async for raw in ws:
             t = now()
             ev = json.loads(raw)
@@ -218,40 +253,51 @@ async def run_session(k: int, url: str, args: argparse.Namespace, deadline: floa
                 err = ev.get("error") or {}
                 code = err.get("code") or err.get("type") or "unknown"
                 res.errors[code] = res.errors.get(code, 0) + 1
-                if turn is not None and turn.speech_stopped is not None and turn.done is None \
-                        and code == "server_busy":
-                    turn.status, turn.done = "busy", t
-                    response_done.set()
-            elif turn is None:
-                continue
+                if code == "server_busy" and last_stopped is not None and last_stopped.done is None:
+                    last_stopped.status, last_stopped.done = "busy", t
             elif kind == "input_audio_buffer.speech_started":
-                if turn.speech_started is None:
-                    turn.speech_started = t
+                turn = turn_at(int(ev.get("audio_start_ms", -10 ** 9)))
+                if turn is None:
+                    res.unmatched_vad_events += 1
+                elif turn.speech_started is None:
+                    turn.speech_started, turn.audio_start_ms = t, ev.get("audio_start_ms")
             elif kind == "input_audio_buffer.speech_stopped":
-                if turn.speech_stopped is None:
-                    turn.speech_stopped = t
+                turn = turn_at(int(ev.get("audio_end_ms", -10 ** 9)))
+                if turn is None:
+                    res.unmatched_vad_events += 1
+                elif turn.speech_stopped is None:
+                    turn.speech_stopped, turn.audio_end_ms = t, ev.get("audio_end_ms")
+                    last_stopped = turn
             elif kind == "response.created":
-                # the turn's response is the first one created after its speech_stopped
-                if turn.speech_stopped is not None and turn.response_id is None:
-                    turn.response_id = (ev.get("response") or {}).get("id")
+                rid = (ev.get("response") or {}).get("id")
+                if last_stopped is not None and last_stopped.response_id is None and rid:
+                    last_stopped.response_id = rid
+                    by_response[rid] = last_stopped
             elif kind in ("response.output_audio.delta", "response.audio.delta"):
-                if turn.response_id is not None and ev.get("response_id") in (turn.response_id, None):
+                turn = by_response.get(ev.get("response_id"))
+                if turn is not None:
                     if turn.first_audio is None:
                         turn.first_audio = t
                     turn.audio_bytes += len(ev.get("delta", "")) * 3 // 4
             elif kind == "response.done":
                 r = ev.get("response") or {}
-                if turn.response_id is not None and r.get("id") in (turn.response_id, None) and turn.done is None:
+                turn = by_response.get(r.get("id"))
+                if turn is not None and turn.done is None:
                     turn.done, turn.status = t, r.get("status")
-                    response_done.set()
+            changed.set()
 
-    async def send_paced(chunks: list[str], t0: float) -> float:
+    async def send(data: tuple[str, int]) -> None:
+        nonlocal sent_samples
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": data[0]}))
+        sent_samples += data[1]
+
+    async def send_paced(chunks: list[tuple[str, int]], t0: float) -> float:
         """Send chunks at real-time pace from t0; returns the time the last one went out."""
         for i, data in enumerate(chunks):
             wait = t0 + i * args.chunk_ms / 1000 - now()
             if wait > 0:
                 await asyncio.sleep(wait)
-            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": data}))
+            await send(data)
         return now()
 
     read_task = asyncio.create_task(reader())
@@ -261,34 +307,36 @@ async def run_session(k: int, url: str, args: argparse.Namespace, deadline: floa
             "max_output_tokens": args.max_output_tokens,
             "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE},
                                 "turn_detection": {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
-                                                   "silence_duration_ms": 500, "create_response": True,
+                                                   "silence_duration_ms": SILENCE_MS, "create_response": True,
                                                    "interrupt_response": True}},
                       "output": {"format": {"type": "audio/pcm", "rate": RATE}}}}}))
         await asyncio.wait_for(ready.wait(), 30)
         index = 0
         while now() < deadline and not read_task.done():
             question = speechlike(args.question_seconds, RATE, seed=1000 * k + index % args.distinct_questions)
-            turn = Turn(k, index)
-            res.turns.append(turn)
-            response_done.clear()
+            q_chunks = _b64_chunks(question, chunk)
             t0 = now()
-            t = await send_paced(lead, t0)
-            turn.speech_end_sent = await send_paced(_b64_chunks(question, chunk), t)
+            t_q = await send_paced(lead_chunks, t0)
+            turn = Turn(k, index, question_start_ms=sent_samples * 1000 // RATE,
+                        question_end_ms=(sent_samples + len(question)) * 1000 // RATE, t_audio0=t_q)
+            res.turns.append(turn)
+            turn.speech_end_sent = await send_paced(q_chunks, t_q)
             # the microphone stays open: silence until the response is done (or the turn times out)
             t_silence, i = now(), 0
             limit = turn.speech_end_sent + args.turn_timeout
-            while not response_done.is_set() and now() < limit and not read_task.done():
+            while turn.done is None and now() < limit and not read_task.done():
                 if turn.speech_stopped is None and now() > turn.speech_end_sent + args.stop_timeout:
                     turn.status = "no_speech_stopped"      # the VAD missed the end of the question
                     break
                 wait = t_silence + i * args.chunk_ms / 1000 - now()
                 if wait > 0:
+                    changed.clear()
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(response_done.wait(), wait)
+                        await asyncio.wait_for(changed.wait(), wait)
                     continue
-                await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": silent_chunk}))
+                await send(silent_chunk)
                 i += 1
-            if not response_done.is_set() and turn.status is None:
+            if turn.done is None and turn.status is None:
                 turn.status = "timeout"
             index += 1
     except Exception as e:                               # noqa: BLE001
@@ -346,6 +394,7 @@ def summarize(results: list[SessionResult], wall_s: float, rss: dict, metrics: d
     for r in results:
         for code, n in r.errors.items():
             errors[code] = errors.get(code, 0) + n
+    lags = [t.stop_lag_ms(SILENCE_MS) for t in turns if t.stop_lag_ms(SILENCE_MS) is not None]
     statuses: dict = {}
     for t in turns:
         statuses[t.status or "none"] = statuses.get(t.status or "none", 0) + 1
@@ -361,12 +410,14 @@ def summarize(results: list[SessionResult], wall_s: float, rss: dict, metrics: d
         "eot_to_first_audio_ms": {"p50": percentile(eot, 50), "p95": percentile(eot, 95),
                                   "max": max(eot) if eot else None, "n": len(eot)},
         "speech_end_to_first_audio_ms": {"p50": percentile(user, 50), "p95": percentile(user, 95), "n": len(user)},
+        "speech_stopped_lag_ms": {"p50": percentile(lags, 50), "p95": percentile(lags, 95), "n": len(lags)},
+        "unmatched_vad_events": sum(r.unmatched_vad_events for r in results),
         "error_events": errors,
         "session_failures": [f"session {r.index}: {r.fatal}" for r in results if r.fatal],
         "server_rss_mib": {k: (None if v is None else round(v / 2 ** 20, 1)) for k, v in rss.items()},
         "server_metrics": metrics,
-        "turns": [{**asdict(t), "eot_latency_ms": t.eot_latency_ms, "user_latency_ms": t.user_latency_ms}
-                  for t in turns],
+        "turns": [{**asdict(t), "eot_latency_ms": t.eot_latency_ms, "user_latency_ms": t.user_latency_ms,
+                   "stop_lag_ms": t.stop_lag_ms(SILENCE_MS)} for t in turns],
     }
 
 
@@ -385,14 +436,19 @@ def print_table(s: dict) -> None:
         ("turn status", ", ".join(f"{k} {v}" for k, v in sorted(s["turn_status"].items()))),
         ("speech_stopped -> first audio p50 / p95 / max (ms)", f"{ms(e['p50'])} / {ms(e['p95'])} / {ms(e['max'])}"),
         ("last speech sample -> first audio p50 / p95 (ms)", f"{ms(u['p50'])} / {ms(u['p95'])}"),
+        ("speech_stopped lag behind the audio p50 / p95 (ms)",
+         f"{ms(s['speech_stopped_lag_ms']['p50'])} / {ms(s['speech_stopped_lag_ms']['p95'])}"),
+        ("VAD events outside any question", str(s["unmatched_vad_events"])),
         ("error events", ", ".join(f"{k} {v}" for k, v in s["error_events"].items()) or "none"),
         ("session failures", "; ".join(s["session_failures"]) or "none"),
         ("server RSS before / peak / after (MiB)", f"{r.get('before')} / {r.get('peak')} / {r.get('after')}"),
     ]
     m = s["server_metrics"]
     for key in sorted(m):
-        if key.endswith("_mean"):
+        if key.endswith("_seconds_mean"):
             rows.append((f"/metrics {key[:-5]} mean (ms)", f"{m[key] * 1000:.0f} (n={m.get(key[:-5] + '_count', 0):.0f})"))
+        elif key.endswith("_mean"):
+            rows.append((f"/metrics {key[:-5]} mean", f"{m[key]:.2f} (n={m.get(key[:-5] + '_count', 0):.0f})"))
     w = max(len(a) for a, _ in rows)
     print()
     for a, b in rows:
@@ -435,7 +491,7 @@ def main(argv=None) -> int:
     p.add_argument("--lead-silence", type=float, default=0.6, help="silence before each question (s)")
     p.add_argument("--chunk-ms", type=int, default=100, help="audio per input_audio_buffer.append (ms)")
     p.add_argument("--turn-timeout", type=float, default=90.0, help="give up on a response after this (s)")
-    p.add_argument("--stop-timeout", type=float, default=5.0,
+    p.add_argument("--stop-timeout", type=float, default=30.0,
                    help="give up on a turn when no speech_stopped comes this long after the question (s)")
     p.add_argument("--max-output-tokens", type=int, default=32, help="session max_output_tokens (Thinker tokens)")
     p.add_argument("--distinct-questions", type=int, default=4, help="questions per session, cycled")
