@@ -480,6 +480,10 @@ class RealtimeSession:
                 await self.error(e.code, e.message, e.param, event_id)
             except EngineBusy as e:
                 await self.error("server_busy", str(e), None, event_id, type_="server_error")
+            except ValueError as e:  # the conversation refused an edit (e.g. past the model's context)
+                await self.error("invalid_request", str(e), None, event_id)
+            except Exception as e:  # noqa: BLE001 - one failed event must not end the session
+                await self.error("internal_error", f"{type(e).__name__}: {e}", None, event_id, type_="server_error")
 
     def _handlers(self) -> dict:
         return {
@@ -710,7 +714,11 @@ class RealtimeSession:
     async def _finish_turn(self, end: int) -> None:
         item_id, self.turn_item = self.turn_item, None
         samples = self.timeline.slice(self.pushed, end)
+        nothing = self.pushed <= self.turn_start and not len(samples)
         self.pushed = end
+        if nothing:  # no audio at all (a commit right at the start): drop the empty item
+            await self.engine.call(self.conv.delete, item_id)
+            return
         if len(samples):
             await self.engine.call(self.conv.push_audio, samples)
         await self.engine.call(self.conv.end_audio)
@@ -740,8 +748,7 @@ class RealtimeSession:
         """Drop a half-spoken turn (clear, or turn detection changed)."""
         if self.turn_item is not None:
             item_id, self.turn_item = self.turn_item, None
-            await self.engine.call(self.conv.end_audio)
-            await self.engine.call(self.conv.delete, item_id)
+            await self.engine.call(self.conv.delete, item_id)  # deleting the open audio item closes it
         if self.vad is not None:
             self.vad.reset()
         self.timeline.clear()
