@@ -10,8 +10,9 @@ client that announces `OpenAI-Beta: realtime=v1` gets beta names on output). Thr
   not grow with the length of the question.
 - the response task runs one turn through `Engine.stream` and turns its events into the response lifecycle
   (created, output_item.added, conversation.item.added, content_part.added, deltas, *.done, response.done).
-  Outgoing audio is paced: at most `audio_lead_s` ahead of real time since the first delta, so a cancel leaves at
-  most that much queued in the client.
+  Outgoing audio is paced: the client is assumed to play audio as it arrives (continuously while it has some), and
+  a delta is sent only while it holds at most `audio_lead_s` (0.5 s) of unplayed audio, so a cancel leaves at most
+  that much queued there (and a stall in generation does not let the server run ahead later).
 - the sender task drains a bounded queue into the socket; a client that stops reading fills it, which stalls the
   response task, which stalls the engine stream (its buffer fills): memory stays bounded.
 Barge-in: `speech_started` during a response (interrupt_response) sets the turn's cancel events: no more audio is
@@ -29,7 +30,7 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import soxr
@@ -318,7 +319,6 @@ class _Settings:
     turn_detection: dict | None
     max_output_tokens: int | str = "inf"
     temperature: float | None = None
-    extra: dict = field(default_factory=dict)
 
 
 BETA_NAMES = {
@@ -630,6 +630,10 @@ class RealtimeSession:
         for key in ("max_output_tokens", "max_response_output_tokens"):
             if sess.get(key) is not None:
                 new.max_output_tokens = self._max_tokens(sess[key], f"session.{key}")
+        tools = _field(sess, "tools", list, "session.tools")
+        if tools:
+            raise ClientError("invalid_value", "tools (function calling) are not supported by this server",
+                              "session.tools")
         temp = _field(sess, "temperature", (int, float), "session.temperature")
         if temp is not None:
             if not 0 < temp <= 2:
@@ -985,7 +989,8 @@ class RealtimeSession:
         ids = {"response_id": resp.id, "item_id": resp.item_id, "output_index": 0, "content_index": 0}
         text_parts: list[str] = []
         samples_sent = 0
-        t_first_delta = None
+        first_audio = True
+        play_end = 0.0                       # when the client's playback of what was sent ends (estimated)
         done: Done | None = None
         status, details = "completed", None
         try:
@@ -1010,22 +1015,17 @@ class RealtimeSession:
                         step = int(DELTA_SECONDS * SAMPLE_RATE) * 2
                         for k in range(0, len(pcm), step):
                             piece = pcm[k:k + step]
-                            now = time.monotonic()
-                            if t_first_delta is None:
-                                t_first_delta = now
-                                self._observe_first_audio(resp, now)
-                            lead = self.limits.audio_lead_s
-                            ahead = samples_sent / SAMPLE_RATE - (now - t_first_delta)
-                            if lead is not None and ahead > lead:
-                                try:
-                                    await asyncio.wait_for(resp.cancelled.wait(), timeout=ahead - lead)
-                                except asyncio.TimeoutError:
-                                    pass
+                            if first_audio:
+                                first_audio = False
+                                self._observe_first_audio(resp, time.monotonic())
+                            await self._pace(resp, play_end)
                             if resp.cancelled.is_set():
                                 break
                             await self.send({"type": "response.output_audio.delta", **ids,
                                              "delta": base64.b64encode(piece).decode("ascii")})
                             samples_sent += len(piece) // 2
+                            # the client plays audio as it arrives, continuously while it has some buffered
+                            play_end = max(play_end, time.monotonic()) + len(piece) / 2 / SAMPLE_RATE
                     elif isinstance(ev, Done):
                         done = ev
             except Exception as e:  # noqa: BLE001 - a failed turn is reported, the session goes on
@@ -1075,6 +1075,16 @@ class RealtimeSession:
             await stream.aclose()
             if self.response is resp:
                 self.response = None
+
+    async def _pace(self, resp: _Response, play_end: float) -> None:
+        """Wait until the client holds at most `audio_lead_s` of unplayed audio (or the response is cancelled)."""
+        lead = self.limits.audio_lead_s
+        ahead = play_end - time.monotonic()
+        if lead is not None and ahead > lead:
+            try:
+                await asyncio.wait_for(resp.cancelled.wait(), timeout=ahead - lead)
+            except asyncio.TimeoutError:
+                pass
 
     def _observe_first_audio(self, resp: _Response, now: float) -> None:
         if self.metrics is None:

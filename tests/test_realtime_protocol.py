@@ -43,6 +43,7 @@ class Raw:
         self.subprotocols = subprotocols
         self.origin = origin
         self.log = []
+        self.times = []  # arrival time of each logged event
 
     async def __aenter__(self):
         kw = {}
@@ -64,6 +65,7 @@ class Raw:
             while True:
                 ev = json.loads(await self.ws.recv())
                 self.log.append(ev)
+                self.times.append(time.monotonic())
                 if ev["type"] in types:
                     return ev
         return await asyncio.wait_for(loop(), timeout)
@@ -378,3 +380,25 @@ def test_camera_frames_during_a_spoken_turn(server):
                      and e["item"]["role"] == "user"]
             assert "input_image" in kinds and "input_audio" in kinds
     run(main())
+
+
+def test_outgoing_audio_is_paced_near_real_time(omni):
+    """The client never holds more than the lead (0.5 s) + one delta (0.1 s) of unplayed audio, assuming it plays
+    audio as it arrives; token2wav hands over up to a second at once, so unpaced sending would exceed that."""
+    with Server(omni, limits=dict(max_output_tokens=48, max_codec_tokens=150)) as server:
+        async def main():
+            async with Raw(server) as c:
+                await c.until("session.created")
+                await c.send(text_user("Talk"))
+                await c.send({"type": "response.create"})
+                await c.until("response.done")
+                play_end, worst, total = 0.0, 0.0, 0.0
+                for ev, t in zip(c.log, c.times):
+                    if ev["type"] == "response.output_audio.delta":
+                        dur = len(base64.b64decode(ev["delta"])) / 2 / 24000
+                        play_end = max(play_end, t) + dur
+                        worst = max(worst, play_end - t)
+                        total += dur
+                assert total >= 1.0, total
+                assert worst <= 0.5 + 0.1 + 0.1, worst  # + 0.1 s of scheduling slack
+        run(main())
