@@ -25,7 +25,11 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from omnivox.engine import Engine
+from omnivox.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from omnivox.metrics import Metrics
+from omnivox.openai_chat import chat_completions
 from omnivox.realtime import RealtimeSession, SessionLimits
+from omnivox.security import check_api_key, origin_allowed, select_subprotocol
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 
@@ -49,33 +53,9 @@ class ServerOptions:
 
 
 # ------------------------------------------------------------------------------------------------ security hooks
-def _check_key(headers, subprotocols, key) -> bool:
-    try:
-        from omnivox.security import check_api_key
-    except ImportError:  # CHAT's module not in yet: Bearer only
-        if key is None:
-            return True
-        auth = headers.get("authorization", "")
-        return auth == f"Bearer {key}" or f"openai-insecure-api-key.{key}" in (subprotocols or ())
-    return check_api_key(headers, subprotocols, key)
-
-
 def _origin_ok(headers, options: ServerOptions) -> bool:
-    try:
-        from omnivox.security import origin_allowed
-    except ImportError:
-        origin = headers.get("origin")
-        return origin is None or origin in options.allow_origins or "*" in options.allow_origins
     return origin_allowed(headers.get("origin"), options.allow_origins, options.host,
                           request_host=headers.get("host"))
-
-
-def _subprotocol(offered) -> str | None:
-    try:
-        from omnivox.security import select_subprotocol
-    except ImportError:
-        return "realtime" if "realtime" in (offered or ()) else None
-    return select_subprotocol(offered)
 
 
 def _error_body(code: str, message: str, type_: str = "invalid_request_error") -> dict:
@@ -87,7 +67,7 @@ def _gate(request: Request) -> Response | None:
     if not _origin_ok(request.headers, options):
         return JSONResponse(_error_body("origin_not_allowed", "this Origin may not use the server; start it with "
                                         "--allow-origin"), status_code=403)
-    if not _check_key(request.headers, (), options.api_key):
+    if not check_api_key(request.headers, (), options.api_key):
         return JSONResponse(_error_body("invalid_api_key", "missing or wrong API key"), status_code=401)
     return None
 
@@ -107,12 +87,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    m = request.app.state.metrics
-    try:
-        from omnivox.metrics import CONTENT_TYPE
-    except ImportError:
-        CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-    return Response(m.render(), media_type=None, headers={"content-type": CONTENT_TYPE})
+    return Response(request.app.state.metrics.render(), headers={"content-type": METRICS_CONTENT_TYPE})
 
 
 async def voices(request: Request) -> Response:
@@ -134,11 +109,6 @@ async def models(request: Request) -> Response:
 async def chat(request: Request) -> Response:
     if (denied := _gate(request)) is not None:
         return denied
-    try:
-        from omnivox.openai_chat import chat_completions
-    except ImportError:
-        return JSONResponse(_error_body("not_implemented", "chat completions are not available in this build"),
-                            status_code=501)
     return await chat_completions(request)
 
 
@@ -147,10 +117,10 @@ async def realtime(ws: WebSocket) -> None:
     options: ServerOptions = state.options
     offered = ws.scope.get("subprotocols") or []
     # refusing before accept answers the handshake with HTTP 403
-    if not _origin_ok(ws.headers, options) or not _check_key(ws.headers, offered, options.api_key):
+    if not _origin_ok(ws.headers, options) or not check_api_key(ws.headers, offered, options.api_key):
         await ws.close(code=1008)
         return
-    await ws.accept(subprotocol=_subprotocol(offered))
+    await ws.accept(subprotocol=select_subprotocol(offered))  # "realtime" when offered, never the key
     if len(state.sessions) >= options.max_sessions:
         state.metrics.errors_total.inc(type="server_busy")
         await ws.send_text(json.dumps({"type": "error", "event_id": "event_busy", "error": {
@@ -169,47 +139,6 @@ async def realtime(ws: WebSocket) -> None:
         state.metrics.sessions.dec()
         with contextlib.suppress(Exception):
             await ws.close()
-
-
-class _FallbackMetrics:
-    """Until omnivox/metrics.py lands: the same attribute names, rendering only the gauges."""
-
-    class _Any:
-        def __init__(self):
-            self.value = 0.0
-            self.fn = None
-
-        def inc(self, amount=1.0, **labels):
-            self.value += amount
-
-        def dec(self, amount=1.0):
-            self.value -= amount
-
-        def set(self, v):
-            self.value = v
-
-        def observe(self, v):
-            pass
-
-        def set_function(self, fn):
-            self.fn = fn
-
-    def __init__(self):
-        for name in ("sessions", "queue_depth", "first_audio_seconds", "end_of_turn_to_first_audio_seconds",
-                     "realtime_factor", "errors_total", "responses_total"):
-            setattr(self, name, self._Any())
-
-    def render(self) -> str:
-        q = self.queue_depth.fn() if self.queue_depth.fn else self.queue_depth.value
-        return f"omnivox_sessions {self.sessions.value:g}\nomnivox_queue_depth {q:g}\n"
-
-
-def _make_metrics():
-    try:
-        from omnivox.metrics import Metrics
-    except ImportError:
-        return _FallbackMetrics()
-    return Metrics()
 
 
 def create_app(omni, options: ServerOptions | None = None) -> Starlette:
@@ -244,7 +173,7 @@ def create_app(omni, options: ServerOptions | None = None) -> Starlette:
     app.state.omni = omni
     app.state.engine = engine
     app.state.options = options
-    app.state.metrics = _make_metrics()
+    app.state.metrics = Metrics()
     app.state.sessions = {}
     app.state.metrics.queue_depth.set_function(lambda: engine.stats()["queued"])
     return app
