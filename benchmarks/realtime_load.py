@@ -35,7 +35,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import re
 import signal
 import socket
