@@ -2,7 +2,9 @@
 
 `generate(omni, messages, options)` yields `TextDelta` events as the Thinker samples tokens, `AudioChunk` events
 (24 kHz float32) as speech becomes final, and ends with one `Done` event carrying the text, the token and codec
-ids and timings. The CLI, the batch helper `run` and the server all consume this generator.
+ids and timings. The CLI, the batch helper `run` and the server all consume this generator. Its sample / feed
+loop (`decode_reply`, with `Speech` for the Talker side) is shared with `conversation.Conversation.respond`, which
+runs the same loop over a KV cache kept across turns.
 
 Speech runs in lock-step behind the Thinker, in the same loop: each time the Thinker feeds a reply token through
 `decode_step`, that token and its hidden state go to the Talker, which then samples every code it can (code k needs
@@ -46,6 +48,8 @@ class GenerationOptions:
     max_codec_tokens: int = 4096          # Talker limit (50 codes per second of speech)
     codes_per_push: int = 12              # codes handed to token2wav at a time (12 codes = one 24-frame DiT block)
     token2wav_seed: int = 0               # ODE start noise seed (the noise is a function of the absolute frame)
+    token2wav: "StreamOptions | None" = None  # streaming synthesis knobs (talker.token2wav.StreamOptions); None:
+                                              # the defaults with token2wav_seed (exact math, early first chunk)
 
 
 @dataclass
@@ -112,17 +116,25 @@ def resolve_speaker(omni, name: str | None) -> tuple[str, dict]:
     return name, speakers[name]
 
 
-class _Speech:
-    """Talker + token2wav for one utterance, fed one Thinker reply token at a time."""
+class Speech:
+    """Talker + token2wav for one utterance, fed one Thinker reply token at a time.
 
-    def __init__(self, omni, options: GenerationOptions, prompt, prompt_hidden):
+    prompt_ids (1, T), prompt_positions (3, 1, T), prompt_hidden (1, T, H): the Thinker's prompt for this turn
+    (for a conversation: the whole history up to the assistant header). `reply_tokens_at[j]` is the number of
+    reply tokens the Talker had consumed when it sampled speech code j (code j covers 20 ms of audio), so a
+    listener's playback position maps back to the reply text it covers.
+    """
+
+    def __init__(self, omni, options: GenerationOptions, prompt_ids: torch.Tensor, prompt_positions: torch.Tensor,
+                 prompt_hidden: torch.Tensor):
         from omnivox.talker.model import default_sampling as talker_defaults
         from omnivox.talker.token2wav import StreamOptions, Token2WavDriver
 
         if omni.talker is None or omni.token2wav is None:
             raise ValueError("speech output needs the Talker and token2wav: load the checkpoint with audio=True")
         _, spk = resolve_speaker(omni, options.speaker)
-        self.omni, self.options, self.prompt, self.prompt_hidden = omni, options, prompt, prompt_hidden
+        self.omni, self.options = omni, options
+        self.prompt_ids, self.prompt_positions, self.prompt_hidden = prompt_ids, prompt_positions, prompt_hidden
         self.speaker = spk
         params = options.talker_sampling or talker_defaults(options.sampling.seed)
         self.sampler = Sampler(params, device=omni.device)
@@ -130,11 +142,13 @@ class _Speech:
         self.driver = Token2WavDriver(t2w.code2wav_dit_model, t2w.code2wav_bigvgan_model)
         dev = t2w.code2wav_dit_model.proj_out.weight.device
         self.wave = self.driver.start(spk["cond"].to(dev), spk["ref_mel"].to(dev),
-                                      StreamOptions(seed=options.token2wav_seed))
+                                      options.token2wav or StreamOptions(seed=options.token2wav_seed))
         self.max_code = t2w.code2wav_dit_model.cfg.num_embeds  # codes above this are Talker control ids
         self.state = None
         self.pending: list[int] = []
         self.codes: list[int] = []
+        self.fed = 0                          # reply tokens handed to the Talker
+        self.reply_tokens_at: list[int] = []  # per speech code (those sent to token2wav)
         self.samples = 0
 
     def reply_token(self, token: int, hidden: torch.Tensor) -> Iterator[AudioChunk]:
@@ -143,11 +157,12 @@ class _Speech:
 
         if self.state is None:
             self.state = talker_prefill(
-                self.omni.talker, self.omni.thinker.model.embed_tokens, self.prompt.input_ids, self.prompt_hidden,
-                token, hidden, int(self.speaker["bos_token"]), prompt_position_ids=self.prompt.position_ids,
+                self.omni.talker, self.omni.thinker.model.embed_tokens, self.prompt_ids, self.prompt_hidden,
+                token, hidden, int(self.speaker["bos_token"]), prompt_position_ids=self.prompt_positions,
                 max_new_tokens=self.options.max_codec_tokens)
         else:
             talker_push_reply(self.state, token, hidden)
+        self.fed += 1
         yield from self._drain(final=False)
 
     def end(self) -> Iterator[AudioChunk]:
@@ -166,6 +181,8 @@ class _Speech:
             self.codes.append(code)
             if code <= self.max_code:  # a stray control id (never EOS, which ends the loop) is not speech
                 self.pending.append(code)
+                # code k is sampled after reply entry k (entries past the reply are text-end / pad)
+                self.reply_tokens_at.append(min(self.state.sampled, self.fed))
             if len(self.pending) >= self.options.codes_per_push:
                 yield from self._push()
         if final:
@@ -183,38 +200,35 @@ class _Speech:
             yield AudioChunk(wav.detach().float().cpu().numpy())
 
 
-@torch.inference_mode()  # torch re-enters the mode on each resumption and leaves it at each yield
-def generate(omni, messages: list[dict], options: GenerationOptions) -> Iterator[TextDelta | AudioChunk | Done]:
+def check_options(omni, options: GenerationOptions) -> None:
+    """Fail before any work on options that cannot run."""
     if options.max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     if options.audio:
-        resolve_speaker(omni, options.speaker)  # fail before any work
+        resolve_speaker(omni, options.speaker)
         if omni.talker is None:
             raise ValueError("speech output needs the Talker: load the checkpoint with audio=True")
-    t0 = time.perf_counter()
+
+
+def decode_reply(omni, options: GenerationOptions, logits: torch.Tensor, prompt_ids: torch.Tensor, feed,
+                 speech: Speech | None, t0: float, out_ids: list[int]) -> Iterator[TextDelta | AudioChunk | Done]:
+    """The sample / feed loop of one reply, shared by `generate` and `Conversation.respond`.
+
+    logits (1, V): the prompt's last position; prompt_ids (1, T): what the repetition penalty sees before the reply;
+    feed(token_ids (1,), cache_index) -> (logits (1, V), hidden (1, H)) runs the Thinker on one sampled token at
+    cache index `cache_index` (the caller owns the cache and its positions). Sampled ids are appended to
+    `out_ids` as they come (EOS included), so a caller that closes the generator early still sees them.
+    """
     tok = omni.tokenizer
-    thinker = omni.thinker
-    cfg = omni.config.text
-    prompt = build_prompt(omni, messages, use_audio_in_video=options.use_audio_in_video)
-    n = prompt.length
-    total = n + options.max_new_tokens
-    if total > cfg.max_position_embeddings:
-        raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({options.max_new_tokens}) exceeds the "
-                         f"model's context of {cfg.max_position_embeddings} tokens")
     device = omni.device
     eos = set(omni.config.eos_token_ids)
     sampler = Sampler(options.sampling, device=device)
-    param = next(thinker.parameters())
-    cache = KVCache.allocate(cfg, batch=1, max_len=total, device=device, dtype=param.dtype)
-    history = torch.empty(1, total, dtype=torch.long, device=device)  # (1, N) prompt + reply, for the penalty
-    history[:, :n] = prompt.input_ids
+    n = prompt_ids.shape[1]
+    history = torch.empty(1, n + options.max_new_tokens, dtype=torch.long, device=device)  # (1, N) for the penalty
+    history[:, :n] = prompt_ids
     detok = IncrementalDetokenizer(tok)
-    out_ids: list[int] = []
     finish = "length"
     t_first = t_last = t_audio = None
-
-    logits, prompt_hidden = prefill(thinker, cache, prompt.inputs_embeds, prompt.position_ids)  # (1,V), (1,T,H)
-    speech = _Speech(omni, options, prompt, prompt_hidden) if options.audio else None
 
     def audio(chunks):
         nonlocal t_audio
@@ -240,8 +254,7 @@ def generate(omni, messages: list[dict], options: GenerationOptions) -> Iterator
             yield TextDelta(delta, token)
         if step + 1 == options.max_new_tokens:
             break                                                      # the last token is never fed back
-        logits, hidden = decode_step(thinker, cache, next_id,
-                                     text_positions(n - 1 + prompt.rope_delta, 1, 1, device))  # (1,V), (1,H)
+        logits, hidden = feed(next_id, n - 1)                          # (1,V), (1,H)
         if speech is not None:
             yield from audio(speech.reply_token(token, hidden[0]))
     tail = detok.flush()
@@ -260,9 +273,34 @@ def generate(omni, messages: list[dict], options: GenerationOptions) -> Iterator
     }
     if speech is not None:
         timings["first_audio_ms"] = round((t_audio - t0) * 1000, 3) if t_audio is not None else None
-    yield Done(text=tok.decode(out_ids), token_ids=out_ids, finish_reason=finish, prompt_tokens=prompt.length,
-               timings=timings, codec_ids=list(speech.codes) if speech else [],
+    yield Done(text=tok.decode(out_ids), token_ids=list(out_ids), finish_reason=finish,
+               prompt_tokens=prompt_ids.shape[1], timings=timings, codec_ids=list(speech.codes) if speech else [],
                audio_seconds=(speech.samples / SAMPLE_RATE) if speech else 0.0)
+
+
+@torch.inference_mode()  # torch re-enters the mode on each resumption and leaves it at each yield
+def generate(omni, messages: list[dict], options: GenerationOptions) -> Iterator[TextDelta | AudioChunk | Done]:
+    check_options(omni, options)
+    t0 = time.perf_counter()
+    thinker = omni.thinker
+    cfg = omni.config.text
+    prompt = build_prompt(omni, messages, use_audio_in_video=options.use_audio_in_video)
+    n = prompt.length
+    total = n + options.max_new_tokens
+    if total > cfg.max_position_embeddings:
+        raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({options.max_new_tokens}) exceeds the "
+                         f"model's context of {cfg.max_position_embeddings} tokens")
+    device = omni.device
+    param = next(thinker.parameters())
+    cache = KVCache.allocate(cfg, batch=1, max_len=total, device=device, dtype=param.dtype)
+
+    logits, prompt_hidden = prefill(thinker, cache, prompt.inputs_embeds, prompt.position_ids)  # (1,V), (1,T,H)
+    speech = Speech(omni, options, prompt.input_ids, prompt.position_ids, prompt_hidden) if options.audio else None
+
+    def feed(next_id: torch.Tensor, index: int):
+        return decode_step(thinker, cache, next_id, text_positions(index + prompt.rope_delta, 1, 1, device))
+
+    yield from decode_reply(omni, options, logits, prompt.input_ids, feed, speech, t0, [])
 
 
 def run(omni, messages: list[dict], options: GenerationOptions) -> tuple[Done, np.ndarray]:

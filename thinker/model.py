@@ -7,7 +7,7 @@ What is notable here:
   reference, and cast to the activation dtype before rotating.
 - `KVCache` is preallocated (L, B, Hkv, S_max, D) and written by slice assignment at `cache.length`; `prefill` may
   be called many times in a row (streaming input, multi-turn chats) and `truncate` rolls the cache back (barge-in,
-  conversation edits) without copying.
+  conversation edits) without copying; `resized` copies it into a larger allocation (a growing conversation).
 - Masks: a first chunk uses SDPA's own causal path, a later chunk gets a small (T, S) boolean mask (causal inside
   the chunk, full view of the prefix), and a decode step (T == 1) needs none. GQA decode folds the query groups
   into the query-length axis, so SDPA reads each K/V head once with no expanded copy (on CPU, `enable_gqa` is
@@ -67,6 +67,22 @@ class KVCache:
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot truncate a KV cache of length {self.length} to {n}")
         self.length = n
+
+    def resized(self, max_len: int) -> "KVCache":
+        """A new cache of capacity max_len holding a copy of the valid positions (grow a cache that is full)."""
+        if max_len < self.length:
+            raise ValueError(f"cannot resize a KV cache holding {self.length} positions to max_len {max_len}")
+        shape = self.k.shape[:3] + (max_len,) + self.k.shape[4:]
+        k = torch.zeros(shape, device=self.k.device, dtype=self.k.dtype)  # (L, B, Hkv, S_new, D)
+        v = torch.zeros(shape, device=self.v.device, dtype=self.v.dtype)
+        k.narrow(3, 0, self.length).copy_(self.k.narrow(3, 0, self.length))
+        v.narrow(3, 0, self.length).copy_(self.v.narrow(3, 0, self.length))
+        return KVCache(k, v, self.length)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the preallocated keys and values."""
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 
 # ----------------------------------------------------------------------------------------------------------------
