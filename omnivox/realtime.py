@@ -36,14 +36,11 @@ import numpy as np
 import soxr
 
 from omnivox.engine import EngineBusy
+from omnivox.streaming.conversation import Conversation
 from omnivox.streaming.pipeline import (SAMPLE_RATE, SPEECH_SYSTEM_PROMPT, AudioChunk, Done, GenerationOptions,
                                         TextDelta, default_sampling)
 from omnivox.streaming.vad import SpeechStarted, SpeechStopped, TurnDetector, VadConfig, item_start_ms
 
-try:
-    from omnivox.streaming.conversation import Conversation
-except ImportError:  # CONV's module is not in yet: the re-rendering stand-in below
-    Conversation = None
 
 ENCODER_RATE = 16000
 MAX_EVENT_BYTES = 15 * 1024 * 1024
@@ -142,88 +139,6 @@ def decode_image(url, param: str):
         raise
     except Exception as e:  # noqa: BLE001 - any decoder failure is the client's bad image
         raise ClientError("invalid_image", f"'{param}' could not be decoded: {e}", param) from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Stand-in until streaming/conversation.py lands (same interface as SERVER.md)
-
-class _ReRenderConversation:
-    """Conversation stand-in: keeps the items and re-renders the whole history through pipeline.generate each
-    turn (no KV reuse). Same interface as streaming.conversation.Conversation."""
-
-    def __init__(self, omni, system: str | None = None):
-        self.omni, self.system = omni, system
-        self._items: list[list] = []          # [item_id, role, parts]
-        self._audio: list[np.ndarray] | None = None
-
-    def set_system(self, text: str | None) -> None:
-        self.system = text
-
-    def items(self) -> list[str]:
-        return [i[0] for i in self._items]
-
-    def _index(self, item_id: str) -> int:
-        for k, item in enumerate(self._items):
-            if item[0] == item_id:
-                return k
-        raise ValueError(f"no item {item_id!r}")
-
-    def add(self, role: str, parts: list[dict], item_id: str, after: str | None = None) -> None:
-        at = len(self._items) if after is None else self._index(after) + 1
-        self._items.insert(at, [item_id, role, list(parts)])
-
-    def delete(self, item_id: str) -> None:
-        del self._items[self._index(item_id)]
-
-    def begin_audio(self, item_id: str) -> None:
-        self.add("user", [], item_id)
-        self._audio = []
-
-    def push_audio(self, samples_16k: np.ndarray) -> None:
-        self._audio.append(np.asarray(samples_16k, dtype=np.float32))
-
-    def end_audio(self) -> None:
-        audio = np.concatenate(self._audio) if self._audio else np.zeros(0, np.float32)
-        self._items[-1][2] = [{"type": "audio", "audio": audio}] if len(audio) else []
-        self._audio = None
-
-    def _messages(self) -> list[dict]:
-        messages = [{"role": "system", "content": self.system}] if self.system is not None else []
-        for _, role, parts, *_ in self._items:
-            if parts:
-                messages.append({"role": role, "content": parts})
-        return messages
-
-    def respond(self, options: GenerationOptions, item_id: str):
-        from omnivox.streaming.pipeline import generate
-
-        messages = self._messages()
-        self.add("assistant", [], item_id)
-        text, samples = [], 0
-        try:
-            for event in generate(self.omni, messages, options):
-                if isinstance(event, TextDelta):
-                    text.append(event.text)
-                elif isinstance(event, AudioChunk):
-                    samples += len(event.samples)
-                yield event
-        finally:
-            item = self._items[self._index(item_id)]
-            item[2] = [{"type": "text", "text": "".join(text)}] if text else []
-            item.append(samples)
-
-    def truncate(self, item_id: str, audio_end_ms: int) -> None:
-        # no codec alignment here: keep the share of the text equal to the share of the speech heard
-        item = self._items[self._index(item_id)]
-        spoken = item[3] if len(item) > 3 else 0
-        if item[2] and spoken:
-            text = item[2][0]["text"]
-            keep = int(len(text) * min(1.0, audio_end_ms * SAMPLE_RATE / 1000 / spoken))
-            item[2] = [{"type": "text", "text": text[:keep]}] if keep else []
-
-
-if Conversation is None:
-    Conversation = _ReRenderConversation
 
 
 # ----------------------------------------------------------------------------------------------------------------
