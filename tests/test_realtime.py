@@ -260,3 +260,27 @@ def test_beta_sdk_client_gets_beta_event_names(server):
             assert "response.output_text.delta" not in types
             assert done.response.status in ("completed", "incomplete")
     run(main())
+
+
+def test_multi_turn_session_keeps_the_kv_cache_across_turns(server):
+    state = server.app.state
+
+    async def main():
+        async with server.client().realtime.connect(model="omnivox-tiny") as conn:
+            await until(conn, "session.created")
+            session = next(iter(state.sessions.values()))
+            conv = session.conv
+            await conn.session.update(session={"type": "realtime", "output_modalities": ["text"]})
+            await until(conn, "session.updated")
+            done1, _ = await text_turn(conn, "First question")
+            ids1 = conv.cached_ids()
+            done2, _ = await text_turn(conn, "Second question")
+            ids2 = conv.cached_ids()
+            assert done1.response.status in ("completed", "incomplete")
+            assert done2.response.status in ("completed", "incomplete")
+            # the second turn extended the cache of the first (its prompt was not prefilled again from the top)
+            assert len(ids2) > len(ids1) > 0
+            assert ids2[:len(ids1) - 2] == ids1[:len(ids1) - 2]
+            # the server's item list mirrors the conversation's: user, assistant, user, assistant
+            assert conv.items() == list(session.items) and len(conv.items()) == 4
+    run(main())
