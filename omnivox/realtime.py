@@ -986,6 +986,13 @@ class RealtimeSession:
             await self.send({"type": "response.done",
                              "response": self._response_object(resp, status, modalities, voice, max_tokens,
                                                                [final], usage, details)})
+            if status in ("cancelled", "failed"):
+                # a turn cancelled before the worker started it (or failing in its prefill) never created its
+                # assistant item in the conversation: drop it here too and tell the client
+                conv = self.conv
+                if not await self.engine.call(lambda: resp.item_id in conv.items()):
+                    self.items.pop(resp.item_id, None)
+                    await self.send({"type": "conversation.item.deleted", "item_id": resp.item_id})
         finally:
             await stream.aclose()
             if self.response is resp:
