@@ -402,3 +402,29 @@ def test_outgoing_audio_is_paced_near_real_time(omni):
                 assert total >= 1.0, total
                 assert worst <= 0.5 + 0.1 + 0.1, worst  # + 0.1 s of scheduling slack
         run(main())
+
+
+def test_item_inserted_after_previous_item_id(server):
+    state = server.app.state
+
+    async def main():
+        async with Raw(server) as c:
+            await c.until("session.created")
+            session = next(iter(state.sessions.values()))
+            for name in ("a", "c"):
+                await c.send({"type": "conversation.item.create", "item": {
+                    "id": f"item_{name}", "type": "message", "role": "user",
+                    "content": [{"type": "input_text", "text": name}]}})
+                await c.until("conversation.item.done")
+            await c.send({"type": "conversation.item.create", "previous_item_id": "item_a", "item": {
+                "id": "item_b", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "b"}]}})
+            added = await c.until("conversation.item.added")
+            assert added["previous_item_id"] == "item_a"
+            assert list(session.items) == ["item_a", "item_b", "item_c"]
+            assert session.conv.items() == ["item_a", "item_b", "item_c"]
+            await c.send({"type": "conversation.item.create", "previous_item_id": "item_zz", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]}})
+            assert (await c.until("error"))["error"]["code"] == "item_not_found"
+            done = await c.text_turn()
+            assert done["response"]["status"] in ("completed", "incomplete")
+    run(main())
