@@ -428,3 +428,59 @@ def test_item_inserted_after_previous_item_id(server):
             done = await c.text_turn()
             assert done["response"]["status"] in ("completed", "incomplete")
     run(main())
+
+
+def test_a_client_that_stops_reading_stalls_its_turn_without_growing_memory(omni):
+    """Back-pressure chain: socket send blocks -> bounded outgoing queue fills -> the response task blocks ->
+    the engine stream's buffer fills -> the worker stops advancing that turn (no unbounded buffering anywhere)."""
+    from types import SimpleNamespace
+
+    from omnivox.engine import Engine
+    from omnivox.metrics import Metrics
+    from omnivox.realtime import RealtimeSession, SessionLimits
+
+    class StuckSocket:
+        async def send_text(self, text):
+            await asyncio.Event().wait()   # the client never reads
+
+        async def receive(self):
+            await asyncio.Event().wait()
+
+    async def main():
+        engine = Engine(omni)
+        engine.start()
+        try:
+            limits = SessionLimits(outgoing_queue=8, stream_buffer=4, audio_lead_s=None, max_output_tokens=400,
+                                   max_codec_tokens=4000)
+            session = RealtimeSession(StuckSocket(), SimpleNamespace(omni=omni, engine=engine, metrics=Metrics()),
+                                      limits, "tiny")
+            produced = []
+            real_respond = session.conv.respond
+
+            def counting_respond(options, item_id):
+                for ev in real_respond(options, item_id):
+                    produced.append(type(ev).__name__)
+                    yield ev
+            session.conv.respond = counting_respond
+            runner = asyncio.create_task(session.run())
+            await asyncio.sleep(0.1)
+            await engine.call(session.conv.add, "user", [{"type": "text", "text": "Talk"}], "item_u")
+            await session.start_response({"output_modalities": ["text"]})
+            await asyncio.sleep(2.0)
+            n1 = len(produced)
+            await asyncio.sleep(1.5)
+            n2 = len(produced)
+            assert n1 == n2, (n1, n2)                         # stalled, not buffering
+            assert n1 <= limits.outgoing_queue + limits.stream_buffer + 4, n1
+            assert session.out.qsize() == limits.outgoing_queue
+            assert engine.stats()["active"] == 1
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+            for _ in range(100):
+                if engine.stats()["active"] == engine.stats()["closing"] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert engine.stats()["active"] == 0 and engine.stats()["closing"] == 0
+        finally:
+            engine.close()
+    run(main())
