@@ -1,7 +1,9 @@
 """One OpenAI-Realtime websocket session: protocol, turn detection, barge-in, pacing and limits.
 
-`RealtimeSession(ws, state, options)` speaks the Realtime API's GA event names (beta names accepted on input; a
-client that announces `OpenAI-Beta: realtime=v1` gets beta names on output). Three coroutines per session:
+`RealtimeSession(ws, app_state, SessionLimits, model_id, beta)` speaks the Realtime API's GA event names (a client
+that announces `OpenAI-Beta: realtime=v1` gets the beta names and flat session fields; beta session fields are
+accepted from everyone). Conversation state is `streaming.conversation.Conversation` (KV cache kept across turns),
+turn detection `streaming.vad.TurnDetector` (Silero). Three coroutines per session:
 - the receive loop parses and validates each client event; a bad event gets an `error` event and the session
   goes on. It owns the input audio: 24 kHz PCM16 -> float -> a streaming soxr resampler -> a 16 kHz timeline.
   With server VAD, the `TurnDetector` sees every appended sample; from `speech_started` on, the turn's audio is
