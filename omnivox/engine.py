@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+import time
 from typing import AsyncIterator, Callable, Iterator
 
 import torch
@@ -47,6 +48,7 @@ class _Stream:
         self.gen: Iterator | None = None
         self.outstanding = 0        # events handed to the loop and not consumed yet (guarded by Engine._lock)
         self.finished = False
+        self.busy_s = 0.0           # worker time spent in make_gen() and next(gen) for this stream
 
     def deliver(self, item) -> None:
         try:
@@ -63,6 +65,12 @@ class _StreamIterator:
 
     def __aiter__(self):
         return self
+
+    @property
+    def busy_s(self) -> float:
+        """Worker seconds this turn has used so far (its compute time, without the time spent waiting for its
+        consumer or for other turns' steps)."""
+        return self._stream.busy_s
 
     async def __anext__(self):
         s = self._stream
@@ -213,12 +221,15 @@ class Engine:
                         break
                     s = self._waiting.popleft()
                 busy = True
+                t0 = time.perf_counter()
                 try:
                     with torch.inference_mode():
                         s.gen = s.make_gen()
                 except Exception as e:  # noqa: BLE001 - the consumer raises it
                     self._finish(s, e)
                     continue
+                finally:
+                    s.busy_s += time.perf_counter() - t0
                 with self._lock:
                     self._active.append(s)
             # 4. one round: one event per active stream whose buffer has room
@@ -233,6 +244,7 @@ class Engine:
                 if not room:
                     continue
                 busy = True
+                t0 = time.perf_counter()
                 try:
                     with torch.inference_mode():
                         event = next(s.gen)
@@ -245,6 +257,8 @@ class Engine:
                     self._drop_active(s)
                     self._finish(s, e)
                     continue
+                finally:
+                    s.busy_s += time.perf_counter() - t0
                 with self._lock:
                     s.outstanding += 1
                 s.deliver(event)

@@ -982,8 +982,8 @@ class RealtimeSession:
             if self.metrics is not None:
                 self.metrics.responses_total.inc(status=status)
                 if audio and samples_sent:
-                    self.metrics.realtime_factor.observe((time.monotonic() - resp.t_request)
-                                                         / (samples_sent / SAMPLE_RATE))
+                    # compute time on the worker per second of speech (wall time would include the pacing)
+                    self.metrics.realtime_factor.observe(stream.busy_s / (samples_sent / SAMPLE_RATE))
             self.response = None  # a new response may start from the moment response.done is sent
             await self.send({"type": "response.done",
                              "response": self._response_object(resp, status, modalities, voice, max_tokens,

@@ -173,3 +173,24 @@ def test_abandoned_iterator_cancels_its_stream(engine):
 
     run(main())
     assert closed == ["z"] and engine.stats()["active"] == 0
+
+
+def test_busy_time_counts_worker_compute_not_consumer_waits(engine):
+    def make():
+        def gen():
+            for i in range(4):
+                time.sleep(0.05)
+                yield i
+        return gen()
+
+    async def main():
+        it = engine.stream(make, threading.Event(), max_buffered=1)
+        out = []
+        async for x in it:
+            out.append(x)
+            await asyncio.sleep(0.2)   # a slow (paced) consumer
+        return out, it.busy_s
+
+    out, busy = run(main())
+    assert out == [0, 1, 2, 3]
+    assert 0.18 <= busy <= 0.5, busy
