@@ -7,11 +7,10 @@ set_system / streamed audio, the cache holds the token ids of the fully rendered
 gives the tokens of `pipeline.generate` on that history.
 
 How it stays exact:
-- Segments. Every message renders as its own piece of the chat template (the piece of message k is what it adds
-  to the rendering of messages 0..k-1; the first one carries the template's default system prompt when the
-  history does not start with a system message). Pieces are cut at `<|im_start|>`, a special token, so the token
-  ids of the whole rendering are the concatenated ids of the pieces. The cache is a list of segments, each
-  tagged with its item's serial (a new serial for every content change that could alter embeddings).
+- Segments (`streaming/segments.py`). Every item renders as its own piece of the chat template, cut at
+  `<|im_start|>`, so the token ids of the whole rendering are the concatenated ids of the pieces. The cache is a
+  list of segments, each tagged with its item's serial (a new serial for every content change that could alter
+  embeddings).
 - Reconciling. Before a prefill the planned segments are compared with the cached ones; the cache is rewound to
   the first token that differs (inside a segment of the same item a common token prefix is kept) and the rest is
   prefilled. This one rule covers appends, edits (delete, insert, set_system, truncate: they rewind at once and
@@ -19,10 +18,9 @@ How it stays exact:
   feeds the sampled `<|im_end|>`, and the model may sample a non-canonical tokenization, so the reply segment is
   rewound to the first token that differs from the tokenized rendering and the rest (`<|im_end|>\n` at least)
   is prefilled with the next segment.
-- Positions. TMRoPE ids of a segment are `rope_index` of the segment alone, offset by (max id so far + 1); a decoded
-  token at cache index c gets c + delta with delta = max prompt id + 1 - prompt length, as in `pipeline.generate`.
-  For text, audio, images and videos (no audio-in-video) each segment ends with text, so this equals
-  `rope_index` of the whole history.
+- Positions. A segment's TMRoPE ids (`rope_index` of the segment alone) are offset by (max id so far + 1); a
+  decoded token at cache index c gets c + delta with delta = max prompt id + 1 - prompt length, as in
+  `pipeline.generate`. This equals `rope_index` of the whole history (segments.py says why).
 - The Talker's prompt for a turn is the whole history: per cached token its id (its Thinker embedding, zeroed at
   media placeholders, is recomputed from it by `talker_prefill`), its position ids and its last-layer hidden state
   are kept beside the KV cache and rewound with it (hidden states only when the checkpoint has a Talker).
@@ -49,7 +47,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -57,75 +54,16 @@ import torch
 from torch import Tensor
 
 from omnivox.encoders.audio import AudioEncoderSession
-from omnivox.encoders.audio_features import FeatureConfig, num_frames
-from omnivox.encoders.images import ImageProcessorConfig
-from omnivox.encoders.video import patch_batches
-from omnivox.streaming import media as media_parts
+from omnivox.encoders.audio_features import num_frames
 from omnivox.streaming.pipeline import (AudioChunk, Done, GenerationOptions, Speech, TextDelta, check_options,
                                         decode_reply)
-from omnivox.thinker.model import KVCache, decode_step, embed, prefill, text_positions
-from omnivox.thinker.positions import audio_token_count, rope_index
+from omnivox.streaming.segments import Item, Media, Reply, Segment, SegmentPlanner, Stream, match
+from omnivox.thinker.model import KVCache, decode_step, prefill, text_positions
+from omnivox.thinker.positions import audio_token_count
 
 ROLES = ("user", "assistant", "system")
 MIN_CAPACITY = 256                  # first KV cache allocation (positions); doubled as the history grows
 CODES_PER_SECOND = 50               # Talker codes per second of speech (480 samples at 24 kHz each)
-_GENERATION = -1                    # segment key of the assistant header a reply is generated after
-_ANCHOR = {"role": "system", "content": "."}  # a first message, so a piece can be rendered as "not first"
-
-
-@dataclass
-class _Media:
-    """One media part, encoded once: its encoder rows and what TMRoPE needs."""
-    kind: str                       # "audio" | "image" | "video"
-    rows: Tensor                    # (n, H) encoder output in the Thinker's dtype
-    audio_frames: int = 0           # audio: mel frames (rope_index's audio_seqlens)
-    grid: tuple | None = None       # image / video: (t, h, w) patches
-    second_per_grid: float = 0.0    # video: seconds per temporal grid step
-
-
-@dataclass
-class _Stream:
-    """A user audio item being spoken."""
-    session: AudioEncoderSession
-    rows: list = field(default_factory=list)       # (k, H) encoder rows in order
-    samples: list = field(default_factory=list)    # 16 kHz float32 chunks as pushed
-    count: int = 0                                  # encoder rows so far
-
-
-@dataclass
-class _Reply:
-    """What `respond` produced for an assistant item (for truncate)."""
-    fed_ids: list[int]                         # reply tokens the Thinker fed back (the Talker saw these)
-    tokens_at: list[int] | None = None         # per speech code: reply tokens consumed when it was sampled
-    pending_truncate_ms: int | None = None     # truncate() while the reply was still running
-
-
-@dataclass
-class _Item:
-    id: str
-    role: str
-    parts: list[dict] | str                    # as given (a string for the system prompt)
-    serial: int
-    media: list[_Media] = field(default_factory=list)
-    stream: _Stream | None = None
-    reply: _Reply | None = None
-    pieces: dict = field(default_factory=dict)  # first? -> rendered template piece
-    ids: tuple | None = None                   # (piece text, media counts, token ids) cache
-
-    def render_message(self) -> dict:
-        """What the chat template sees (media parts as bare types; no arrays)."""
-        if isinstance(self.parts, str):
-            return {"role": self.role, "content": self.parts}
-        content = [{"type": "text", "text": p["text"]} if p["type"] == "text" else {"type": p["type"]}
-                   for p in self.parts]
-        return {"role": self.role, "content": content}
-
-
-@dataclass
-class _Segment:
-    key: int                                   # item serial, or _GENERATION
-    ids: list[int]
-    item: _Item | None = None
 
 
 def _source_bytes(source) -> int:
@@ -139,14 +77,6 @@ def _source_bytes(source) -> int:
     return 0
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
 
 class Conversation:
     """Chat history + the Thinker state of its rendering. See the module docstring."""
@@ -157,22 +87,20 @@ class Conversation:
         self.tok = omni.tokenizer
         self.max_tokens = self.cfg.max_position_embeddings
         self._serial = 0
-        self._items: list[_Item] = []
-        self._system: _Item | None = None
-        self._cached: list[_Segment] = []      # segments in the cache, in order (the last may be partial)
-        self._stream_item: _Item | None = None
-        self._responding: _Item | None = None
+        self._items: list[Item] = []
+        self._system: Item | None = None
+        self._cached: list[Segment] = []      # segments in the cache, in order (the last may be partial)
+        self._stream_item: Item | None = None
+        self._responding: Item | None = None
         self._dirty = True                      # the cache may differ from the history (cleared by a full sync)
         self._keep_hidden = omni.talker is not None
-        self._pieces: dict = {}                 # generation-prompt pieces
         param = next(omni.thinker.parameters())
         self._dtype, self._device = param.dtype, omni.device
+        self._planner = SegmentPlanner(omni, self._dtype, self._device)   # pieces, segment ids, encoded media
         self.cache: KVCache | None = None
         self._ids: Tensor | None = None         # (1, S) long: token ids in the cache
         self._pos: Tensor | None = None         # (3, 1, S) long: their TMRoPE ids
         self._hidden: Tensor | None = None      # (1, S, H): their last-layer hidden states (with a Talker)
-        self._fcfg: FeatureConfig | None = None
-        self._icfg: ImageProcessorConfig | None = None
         if system is not None:
             self.set_system(system)
 
@@ -236,7 +164,7 @@ class Conversation:
             raise ValueError(f"the system prompt must be a string or None, got {type(text).__name__}")
         if text == self.system:
             return
-        self._system = None if text is None else _Item("__system__", "system", text, self._next_serial())
+        self._system = None if text is None else Item("__system__", "system", text, self._next_serial())
         self._settle()
 
     @torch.inference_mode()
@@ -253,8 +181,8 @@ class Conversation:
         for p in parts:
             if isinstance(p, dict) and p.get("type") == "text" and not isinstance(p.get("text"), str):
                 raise ValueError("a text part needs a string 'text'")
-        item = _Item(item_id, role, [dict(p) for p in parts], self._next_serial())
-        item.media = self._encode_media(item.parts)
+        item = Item(item_id, role, [dict(p) for p in parts], self._next_serial())
+        item.media = self._planner.encode_media(item.parts)
         index = len(self._items) if after is None else self._index(after) + 1
         self._items.insert(index, item)
         try:
@@ -285,7 +213,7 @@ class Conversation:
         self._apply_truncate(item, int(audio_end_ms))
         self._settle()
 
-    def _apply_truncate(self, item: _Item, audio_end_ms: int) -> None:
+    def _apply_truncate(self, item: Item, audio_end_ms: int) -> None:
         reply = item.reply
         heard = math.ceil(audio_end_ms * CODES_PER_SECOND / 1000)
         if heard >= len(reply.tokens_at):
@@ -307,8 +235,8 @@ class Conversation:
             raise ValueError(f"audio item {self._stream_item.id!r} is still open (end_audio first)")
         self._check_new_id(item_id)
         encoder = self.omni.thinker.audio_tower
-        item = _Item(item_id, "user", [{"type": "audio", "audio": None}], self._next_serial(),
-                     stream=_Stream(AudioEncoderSession(encoder, self._feature_cfg(), keep_history=True)))
+        item = Item(item_id, "user", [{"type": "audio", "audio": None}], self._next_serial(),
+                    stream=Stream(AudioEncoderSession(encoder, self._planner.feature_cfg(), keep_history=True)))
         self._items.append(item)
         self._stream_item = item
         self._settle(prefill_now=True)
@@ -344,28 +272,28 @@ class Conversation:
                 rows[r:r + new.shape[0]] = new.to(rows.dtype)
             self._rewind_segment_row(item, first)
         samples = np.concatenate(st.samples)
-        frames = num_frames(samples.size, self._feature_cfg())
+        frames = num_frames(samples.size, self._planner.feature_cfg())
         if audio_token_count(frames) != rows.shape[0]:
             raise ValueError(f"streamed audio gave {rows.shape[0]} tokens, the clip needs {audio_token_count(frames)}")
-        item.media = [_Media("audio", rows.to(device=self._device, dtype=self._dtype), audio_frames=frames)]
+        item.media = [Media("audio", rows.to(device=self._device, dtype=self._dtype), audio_frames=frames)]
         item.parts = [{"type": "audio", "audio": samples}]
         item.stream = None
         item.ids = None
         self._stream_item = None
         self._settle(prefill_now=True)
 
-    def _open_stream(self) -> _Item:
+    def _open_stream(self) -> Item:
         if self._stream_item is None:
             raise ValueError("no audio item is open (begin_audio first)")
         return self._stream_item
 
-    def _add_stream_rows(self, item: _Item, rows: Tensor) -> None:
+    def _add_stream_rows(self, item: Item, rows: Tensor) -> None:
         if rows.shape[0]:
             item.stream.rows.append(rows.to(device=self._device, dtype=self._dtype))
             item.stream.count += rows.shape[0]
             item.ids = None
 
-    def _rewind_segment_row(self, item: _Item, row: int) -> None:
+    def _rewind_segment_row(self, item: Item, row: int) -> None:
         """Drop the cache from encoder row `row` of a streamed item's audio on (its rows were revised)."""
         start = 0
         for seg in self._cached:
@@ -406,8 +334,8 @@ class Conversation:
         if options.audio:
             hidden = self._hidden[:, :n]                                     # (1, T, H)
             speech = Speech(self.omni, options, self._ids[:, :n], self._pos[:, :, :n], hidden)
-        item = _Item(item_id, "assistant", [{"type": "text", "text": ""}], self._next_serial(),
-                     reply=_Reply([], tokens_at=speech.reply_tokens_at if speech is not None else None))
+        item = Item(item_id, "assistant", [{"type": "text", "text": ""}], self._next_serial(),
+                    reply=Reply([], tokens_at=speech.reply_tokens_at if speech is not None else None))
         self._items.append(item)
         self._responding = item
         header = self._cached[-1]                                             # the assistant header segment
@@ -448,7 +376,7 @@ class Conversation:
                 finish()
 
     # ------------------------------------------------------------------------------------------------------------
-    # Planning: the history as segments
+    # Items and the planned history (segments.py renders and tokenizes it)
 
     def _next_serial(self) -> int:
         self._serial += 1
@@ -466,107 +394,15 @@ class Conversation:
                 return i
         raise ValueError(f"no item with id {item_id!r}")
 
-    def _history(self) -> list[_Item]:
+    def _history(self) -> list[Item]:
         """Items the cache should hold now: all of them, or up to an audio item still being spoken."""
         items = ([self._system] if self._system is not None else []) + self._items
         if self._stream_item is not None:
             items = items[:items.index(self._stream_item) + 1]
         return items
 
-    def _render(self, messages: list[dict], generation: bool) -> str:
-        return self.tok.render_chat(messages, add_generation_prompt=generation)
-
-    def _piece(self, item: _Item, first: bool) -> str:
-        if first not in item.pieces:
-            m = item.render_message()
-            if first:
-                item.pieces[first] = self._render([m], False)
-            else:
-                before = self._render([_ANCHOR], False)
-                text = self._render([_ANCHOR, m], False)
-                item.pieces[first] = text[len(before):] if text.startswith(before) else None
-        return item.pieces[first]
-
-    def _generation_piece(self, first: bool) -> str:
-        if first not in self._pieces:
-            if first:
-                self._pieces[first] = self._render([], True)
-            else:
-                before = self._render([_ANCHOR], False)
-                text = self._render([_ANCHOR], True)
-                self._pieces[first] = text[len(before):] if text.startswith(before) else None
-        return self._pieces[first]
-
-    def _texts(self, items: list[_Item], generation: bool) -> list[str]:
-        """Each item's piece of the rendered history (+ the assistant header); they concatenate to render_chat."""
-        messages = [it.render_message() for it in items]
-        full = self._render(messages, generation)
-        pieces = [self._piece(it, k == 0) for k, it in enumerate(items)]
-        if generation:
-            pieces.append(self._generation_piece(not items))
-        if None not in pieces and "".join(pieces) == full:
-            return pieces
-        # a template whose pieces depend on more than the message and whether it is first: cut the prefixes
-        pieces, prev = [], ""
-        for k in range(len(messages) + generation):
-            text = full if k == len(messages) else self._render(messages[:k + 1], False)
-            if not text.startswith(prev):
-                raise ValueError("the chat template does not render a conversation as a prefix of its extension: "
-                                 "a cached history cannot be extended")
-            pieces.append(text[len(prev):])
-            prev = text
-        return pieces
-
-    def _segment_ids(self, item: _Item, text: str) -> list[int]:
-        counts = (tuple(m.rows.shape[0] for m in item.media), item.stream.count if item.stream else None)
-        if item.ids is not None and item.ids[0] == text and item.ids[1] == counts:
-            return item.ids[2]
-        t = self.omni.config.tokens
-        kinds = {t.audio: "audio", t.image: "image", t.video: "video"}
-        raw = self.tok.encode(text)
-        media = {k: [m for m in item.media if m.kind == k] for k in ("audio", "image", "video")}
-        if item.stream is not None:
-            media["audio"] = [None]
-        found = {k: sum(1 for i in raw if kinds.get(i) == k) for k in media}
-        for kind, ms in media.items():
-            if found[kind] != len(ms):
-                raise ValueError(f"item {item.id!r} renders {found[kind]} {kind} placeholders for {len(ms)} {kind} "
-                                 "parts (does a text part contain a media token?)")
-        used = {k: 0 for k in media}
-        ids: list[int] = []
-        for i in raw:
-            kind = kinds.get(i)
-            if kind is None:
-                ids.append(i)
-                continue
-            m = media[kind][used[kind]]
-            used[kind] += 1
-            if m is None:                                   # the audio of an open stream: rows so far, no tail
-                ids += [i] * item.stream.count
-                break
-            ids += [i] * m.rows.shape[0]
-        item.ids = (text, counts, ids)
-        return ids
-
-    def _plan(self, generation: bool) -> list[_Segment]:
-        items = self._history()
-        texts = self._texts(items, generation)
-        plan = [_Segment(it.serial, self._segment_ids(it, text), it) for it, text in zip(items, texts)]
-        if generation:
-            plan.append(_Segment(_GENERATION, self.tok.encode(texts[-1])))
-        return plan
-
-    def _match(self, plan: list[_Segment]) -> tuple[int, int, int]:
-        """(index of the first segment to (re)fill, tokens of it already cached, cache tokens that stay valid)."""
-        start = 0
-        for i, (c, s) in enumerate(zip(self._cached, plan)):
-            if c.key == s.key and c.ids == s.ids:
-                start += len(c.ids)
-                continue
-            p = _common_prefix(c.ids, s.ids) if c.key == s.key else 0
-            return i, p, start + p
-        i = min(len(self._cached), len(plan))
-        return i, 0, start
+    def _plan(self, generation: bool) -> list[Segment]:
+        return self._planner.plan(self._history(), generation)
 
     # ------------------------------------------------------------------------------------------------------------
     # Cache work
@@ -581,7 +417,7 @@ class Conversation:
             self._sync(generation=False)
             return
         plan = self._plan(generation=False)
-        _, _, valid = self._match(plan)
+        _, _, valid = match(self._cached, plan)
         self._rewind_to(valid)
 
     def _sync(self, generation: bool, extra: int = 0, need_logits: bool = False) -> Tensor | None:
@@ -592,7 +428,7 @@ class Conversation:
         if total + extra > self.max_tokens:
             what = f"history ({total} tokens)" + (f" + max_new_tokens ({extra})" if extra else "")
             raise ValueError(f"{what} exceeds the model's context of {self.max_tokens} tokens")
-        i, p, valid = self._match(plan)
+        i, p, valid = match(self._cached, plan)
         if need_logits and valid >= total:
             # everything is cached already: re-run the last token for its logits
             last = plan[-1]
@@ -603,49 +439,18 @@ class Conversation:
             seg = plan[k]
             from_row = p if k == i else 0
             if k == i and from_row:
-                self._cached[-1] = _Segment(seg.key, list(seg.ids[:from_row]), seg.item)
+                self._cached[-1] = Segment(seg.key, list(seg.ids[:from_row]), seg.item)
             else:
-                self._cached.append(_Segment(seg.key, [], seg.item))
+                self._cached.append(Segment(seg.key, [], seg.item))
             if from_row == len(seg.ids):
                 continue
             seg_start = self.tokens - from_row
             offset = int(self._pos[:, :, :seg_start].max()) + 1 if seg_start else 0
-            embeds, rel = self._segment_inputs(seg)                         # (T, H), (3, T)
+            embeds, rel = self._planner.inputs(seg)                            # (T, H), (3, T)
             logits = self._prefill(embeds[from_row:], rel[:, from_row:] + offset, seg.ids[from_row:])
             self._cached[-1].ids = list(seg.ids)
         self._dirty = generation                 # the assistant header is not part of the history
         return logits
-
-    def _segment_inputs(self, seg: _Segment) -> tuple[Tensor, Tensor]:
-        """A segment's input embeddings (T, H) (media rows written over the placeholders) and its TMRoPE ids
-        (3, T) counted from 0."""
-        t = self.omni.config.tokens
-        ids = torch.tensor(seg.ids, dtype=torch.long, device=self._device)   # (T,)
-        embeds = embed(self.omni.thinker, ids[None])[0].clone()             # (T, H)
-        item = seg.item
-        media = [] if item is None else item.media
-        if item is not None and item.stream is not None and item.stream.rows:
-            media = [_Media("audio", torch.cat(item.stream.rows))]
-        for kind, token in (("audio", t.audio), ("image", t.image), ("video", t.video)):
-            rows = [m.rows for m in media if m.kind == kind]
-            if rows:
-                at = (ids == token).nonzero().view(-1)
-                embeds[at] = torch.cat(rows)[:at.numel()].to(embeds.dtype)
-        images = [m for m in media if m.kind == "image"]
-        videos = [m for m in media if m.kind == "video"]
-        if not images and not videos:
-            pos = torch.arange(len(seg.ids), device=self._device).view(1, -1).expand(3, -1)   # (3, T)
-            return embeds, pos
-        audios = [m for m in media if m.kind == "audio"]
-        position_ids, _ = rope_index(
-            ids[None],
-            torch.tensor([m.grid for m in images], dtype=torch.long) if images else None,
-            torch.tensor([m.grid for m in videos], dtype=torch.long) if videos else None,
-            None, False,
-            torch.tensor([m.audio_frames for m in audios], dtype=torch.long) if audios else None,
-            torch.tensor([m.second_per_grid for m in videos], dtype=torch.float32) if videos else None,
-            self.omni.config)
-        return embeds, position_ids[:, 0]                                   # (3, T)
 
     def _prefill(self, embeds: Tensor, positions: Tensor, ids: list[int]) -> Tensor:
         """Append rows: embeds (T, H), positions (3, T) -> logits (1, V) of the last one."""
@@ -703,41 +508,6 @@ class Conversation:
             if start >= n:
                 break
             take = min(len(seg.ids), n - start)
-            kept.append(seg if take == len(seg.ids) else _Segment(seg.key, seg.ids[:take], seg.item))
+            kept.append(seg if take == len(seg.ids) else Segment(seg.key, seg.ids[:take], seg.item))
             start += take
         self._cached = kept
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Media
-
-    def _feature_cfg(self) -> FeatureConfig:
-        if self._fcfg is None:
-            self._fcfg = FeatureConfig.from_dir(self.omni.path)
-        return self._fcfg
-
-    def _image_cfg(self) -> ImageProcessorConfig:
-        if self._icfg is None:
-            self._icfg = ImageProcessorConfig.from_dir(self.omni.path)
-        return self._icfg
-
-    def _encode_media(self, parts: list[dict]) -> list[_Media]:
-        """Validate the parts and encode each media part once (its rows are kept for re-prefills)."""
-        found = media_parts._media_parts([{"role": "user", "content": parts}])
-        thinker = self.omni.thinker
-        out = []
-        for p in found:
-            if p["type"] == "audio":
-                a = media_parts._load_audio_part(p, self._feature_cfg())
-                rows = thinker.audio_tower.encode(a.features)
-                out.append(_Media("audio", rows.to(self._dtype), audio_frames=a.frames))
-            elif p["type"] == "image":
-                im = media_parts._load_image_part(p, self._image_cfg())
-                rows = thinker.visual.encode(im.vision.pixel_values, im.vision.grid_thw)
-                out.append(_Media("image", rows.to(self._dtype), grid=tuple(int(v) for v in im.vision.grid_thw[0])))
-            else:
-                v = media_parts._load_video_part(p, self._image_cfg(), self._feature_cfg(), False)
-                rows = torch.cat([thinker.visual.encode(px, grid)
-                                  for px, grid in patch_batches(v.frames, v.target, self._image_cfg())])
-                out.append(_Media("video", rows.to(self._dtype), grid=tuple(v.grid),
-                                  second_per_grid=v.second_per_grid))
-        return out
