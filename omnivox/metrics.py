@@ -14,8 +14,10 @@ Definitions:
   `response.create` or automatic response) to its first audio samples being ready to send.
 - `end_of_turn_to_first_audio_seconds`: realtime only; from the end of the user's turn (VAD speech_stopped or
   the manual commit) to the first audio samples of the reply.
-- `realtime_factor`: wall seconds spent generating a response / seconds of audio it produced (observed only for
-  responses with audio). Below 1 the server speaks faster than real time; above 1 playback would stall.
+- `realtime_factor`: compute seconds spent generating a response / seconds of audio it produced (observed only
+  for responses with audio). Realtime responses count the engine worker's busy time for the turn, not wall time,
+  which would include the pacing and waiting for other turns. Below 1 the server generates speech faster than
+  real time; above 1 playback would stall.
 - `errors_total{type}`: error replies by their OpenAI error type (invalid_request_error, server_busy, ...).
 - `responses_total{status}`: finished responses by status (completed, incomplete, cancelled, failed).
 """
@@ -221,8 +223,9 @@ class Metrics:
             "Seconds from the end of the user's turn (speech stopped or commit) to the first audio of the reply.",
             lock, LATENCY_BUCKETS)
         self.realtime_factor = Histogram(
-            p + "realtime_factor", "Wall seconds spent generating a response per second of audio it produced "
-            "(below 1: faster than real time).", lock, RTF_BUCKETS)
+            p + "realtime_factor", "Compute seconds spent generating a response per second of audio it produced "
+            "(realtime: the engine worker's busy time for the turn, not wall time; below 1: faster than real "
+            "time).", lock, RTF_BUCKETS)
         self.errors_total = Counter(p + "errors_total", "Error replies sent, by OpenAI error type.", lock, "type")
         self.responses_total = Counter(p + "responses_total", "Finished responses, by status.", lock, "status",
                                        initial=RESPONSE_STATUSES)
