@@ -18,8 +18,8 @@ What is notable:
   ids resolved to their transcripts, sampling options) is `chat_request.py`. A spoken reply's transcript is kept
   there (`TRANSCRIPTS`) until its audio's `expires_at`, so a client can send the reply back by audio id.
 
-Metrics (app.state.metrics): first_audio_seconds from the request's arrival, realtime_factor = the pipeline's
-wall time / audio seconds, responses_total by status (completed = stop, incomplete = length, cancelled, failed),
+Metrics (app.state.metrics): first_audio_seconds from the request's arrival, realtime_factor = the turn's
+compute seconds on the model worker / audio seconds (as the realtime sessions), responses_total by status (completed = stop, incomplete = length, cancelled, failed),
 errors_total by error type.
 """
 
@@ -199,6 +199,7 @@ class _Turn:
         self.first_audio: float | None = None
         self.done: Done | None = None
         self.recorded = False
+        self.events = None                 # the engine stream (its busy_s is the turn's compute time)
 
     def saw(self, event) -> None:
         if isinstance(event, AudioChunk) and self.first_audio is None:
@@ -218,7 +219,11 @@ class _Turn:
             self.metrics.errors_total.inc(type=error)
         d = self.done
         if d is not None and self.audio and d.audio_seconds > 0:
-            self.metrics.realtime_factor.observe(d.timings["total_ms"] / 1000.0 / d.audio_seconds)
+            # compute seconds per second of audio, as the realtime sessions report it (metrics.py); the thread
+            # fallback without an engine has no busy time and reports the pipeline's own wall time
+            busy = getattr(self.events, "busy_s", None)
+            seconds = busy if busy is not None else d.timings["total_ms"] / 1000.0
+            self.metrics.realtime_factor.observe(seconds / d.audio_seconds)
 
 
 async def chat_completions(request, app_state=None):
@@ -251,6 +256,7 @@ async def chat_completions(request, app_state=None):
     turn = _Turn(state, t0, req.audio_format is not None)
     try:
         events = _open_stream(state, omni, req, cancel)
+        turn.events = events
     except Exception as e:  # noqa: BLE001 - EngineBusy, or an engine that is shutting down
         if _is_busy(e):
             return _error(state, 503, str(e), type_="server_busy", code="server_busy")
