@@ -32,6 +32,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -138,21 +139,24 @@ def ref_run(ref, input_ids: torch.Tensor, text_tokens: int, codes: int) -> dict:
     t2w.code2wav_bigvgan_model.forward = clock.wrap("bigvgan", t2w.code2wav_bigvgan_model.forward)
     try:
         with torch.inference_mode():
+            c0 = time.process_time()
             t0 = time.perf_counter()
             seq, wav = ref.generate(input_ids=input_ids, speaker="Chelsie", thinker_max_new_tokens=text_tokens,
                                     thinker_min_new_tokens=text_tokens, thinker_do_sample=False,
                                     talker_max_new_tokens=codes, talker_min_new_tokens=codes,
                                     talker_do_sample=False, talker_repetition_penalty=1.0)
             total = time.perf_counter() - t0
+            cpu = time.process_time() - c0
     finally:
         for m, name in ((th, "generate"), (tk, "generate"), (t2w, "forward"),
                         (t2w.code2wav_dit_model, "sample"), (t2w.code2wav_bigvgan_model, "forward")):
             m.__dict__.pop(name, None)
-    return dict(total=total, first_audio=total, text_tokens=seq.shape[1] - input_ids.shape[1],
+    return dict(total=total, first_audio=total, cpu_total=cpu, cpu_first_audio=cpu,
+                text_tokens=seq.shape[1] - input_ids.shape[1],
                 audio_s=wav.numel() / 24000, clock=clock)
 
 
-def ours_run(omni, messages, text_tokens: int, codes: int, verbose: bool = False) -> dict:
+def ours_run(omni, messages, text_tokens: int, codes: int, verbose: bool = False, first_steps=None) -> dict:
     from omnivox.streaming import pipeline
     from omnivox.talker import model as talker_mod
     from omnivox.talker import token2wav as t2w_mod
@@ -167,28 +171,37 @@ def ours_run(omni, messages, text_tokens: int, codes: int, verbose: bool = False
     talker_mod.talker_prefill = clock.wrap("talker prefill", talker_mod.talker_prefill)
     talker_mod.talker_step = clock.wrap("talker step", talker_mod.talker_step)
     t2w_mod.start_codes = clock.wrap("speaker encoder", t2w_mod.start_codes)
-    t2w_mod._window = clock.wrap("dit", t2w_mod._window, size=lambda dit, st, ws, we: we - ws)
+    t2w_mod._window = clock.wrap("dit", t2w_mod._window, size=lambda dit, st, ws, we, steps: we - ws)
     t2w_mod._vocode = clock.wrap("bigvgan", t2w_mod._vocode,
-                                 size=lambda bv, st, upto: st.frames - max(0, st.emitted - st.left))
+                                 size=lambda bv, st, upto, lookahead=None: st.frames - max(0, st.emitted - st.left)
+                                 + (lookahead.shape[2] if lookahead is not None else 0))
     greedy = SamplingParams(greedy=True)
     opts = pipeline.GenerationOptions(max_new_tokens=text_tokens, sampling=greedy, audio=True,
-                                      talker_sampling=greedy, max_codec_tokens=codes)
-    chunks = []
+                                      talker_sampling=greedy, max_codec_tokens=codes,
+                                      token2wav=t2w_mod.StreamOptions(first_steps=first_steps))
+    chunks, pieces = [], []
+    cpu_first = None
     try:
+        c0 = time.process_time()
         t0 = time.perf_counter()
         for ev in pipeline.generate(omni, messages, opts):
             if isinstance(ev, pipeline.AudioChunk):
-                if verbose and not chunks:
-                    print(f"  first audio after {time.perf_counter() - t0:.1f} s", flush=True)
+                if not chunks:
+                    cpu_first = time.process_time() - c0
+                    if verbose:
+                        print(f"  first audio after {time.perf_counter() - t0:.1f} s", flush=True)
                 chunks.append((time.perf_counter() - t0, ev.samples.size))
+                pieces.append(ev.samples)
             elif isinstance(ev, pipeline.Done):
                 done = ev
         total = time.perf_counter() - t0
+        cpu = time.process_time() - c0
     finally:
         for m, n, fn in originals:
             setattr(m, n, fn)
-    return dict(total=total, first_audio=done.timings["first_audio_ms"] / 1000, text_tokens=len(done.token_ids),
-                codes=len(done.codec_ids), audio_s=done.audio_seconds, chunks=chunks, clock=clock, done=done)
+    return dict(total=total, first_audio=done.timings["first_audio_ms"] / 1000, cpu_total=cpu,
+                cpu_first_audio=cpu_first, text_tokens=len(done.token_ids),
+                codes=len(done.codec_ids), audio_s=done.audio_seconds, wav=np.concatenate(pieces), chunks=chunks, clock=clock, done=done)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,6 +215,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--skip-ref", action="store_true", help="run ours only")
     p.add_argument("--dir", default=None, help="checkpoint directory (default: a temporary one, removed after)")
+    p.add_argument("--first-steps", type=int, default=None,
+                   help="also run ours with this many ODE time points for the first DiT window (the explicit "
+                        "fast start) and report its first audio and its difference from the exact stream")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -215,9 +231,15 @@ def main(argv=None) -> int:
     out = Path(args.dir or tmp.name)
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    ref, _ = build_checkpoint(out, args.thinker_layers)
+    if (out / "config.json").exists() and (out / "spk_dict.pt").exists():  # --dir of an earlier run: reuse it
+        from transformers import Qwen2_5OmniForConditionalGeneration
+
+        ref = Qwen2_5OmniForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
+        ref.load_speakers(str(out / "spk_dict.pt"))
+    else:
+        ref, _ = build_checkpoint(out, args.thinker_layers)
     n_par = {k: sum(p.numel() for p in getattr(ref, k).parameters()) / 1e6 for k in ("thinker", "talker", "token2wav")}
-    print(f"checkpoint built and saved in {time.perf_counter() - t:.0f} s: thinker {n_par['thinker']:.0f}M "
+    print(f"checkpoint ready in {time.perf_counter() - t:.0f} s: thinker {n_par['thinker']:.0f}M "
           f"({args.thinker_layers} layers), talker {n_par['talker']:.0f}M, token2wav {n_par['token2wav']:.0f}M "
           f"params", flush=True)
 
@@ -248,6 +270,10 @@ def main(argv=None) -> int:
     print("ours generate ...", flush=True)
     o = ours_run(omni, messages, args.text_tokens, args.codes, verbose=True)
     print(f"  done in {o['total']:.1f} s; load average {os.getloadavg()[0]:.2f}", flush=True)
+    if args.first_steps:
+        print(f"ours generate, fast start (first window {args.first_steps} ODE time points) ...", flush=True)
+        o["fast"] = ours_run(omni, messages, args.text_tokens, args.codes, verbose=True,
+                             first_steps=args.first_steps)
     if tmp is not None:
         tmp.cleanup()
 
@@ -274,6 +300,19 @@ def report(args, o: dict, r: dict | None) -> None:
     r_t2w = r["clock"].seconds["token2wav"] if r else None
     row("first audio (s)", r["first_audio"] if r else None, o["first_audio"])
     row("total (s)", r["total"] if r else None, o["total"])
+    # CPU seconds of the process (all threads): what each run cost, whatever else shared the cores meanwhile
+    row("first audio (CPU s)", r["cpu_first_audio"] if r else None, o["cpu_first_audio"])
+    row("total (CPU s)", r["cpu_total"] if r else None, o["cpu_total"])
+    f = o.get("fast")
+    if f:
+        row(f"first audio, fast start (s)", r["first_audio"] if r else None, f["first_audio"])
+        row(f"  same, CPU s", r["cpu_first_audio"] if r else None, f["cpu_first_audio"])
+        n = min(f["wav"].size, o["wav"].size)
+        d = f["wav"][:n] - o["wav"][:n]
+        nz = np.flatnonzero(d)
+        print(f"fast start vs exact stream: same length {f['wav'].size == o['wav'].size}; waveform max |diff| "
+              f"{np.abs(d).max():.3g}, rel L2 {np.linalg.norm(d) / max(np.linalg.norm(o['wav'][:n]), 1e-12):.3g}; "
+              f"samples that differ: {nz[0] if nz.size else '-'}..{nz[-1] if nz.size else '-'} of {n}")
     row("token2wav RTF", r_t2w / r["audio_s"] if r else None, o_t2w / o["audio_s"])
     row("overall RTF", r["total"] / r["audio_s"] if r else None, o["total"] / o["audio_s"])
     print("(ratio = reference / ours: > 1 means ours is faster)")

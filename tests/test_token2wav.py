@@ -322,11 +322,11 @@ def test_streaming_driver_audio_equals_vocoder_on_streamed_mel(ckpt, strong):
     """early_vocoder off: the driver's waveform is exactly the vocoder on the streamed mel."""
     dit, _, voc, _ = strong
     drv = tw.Token2WavDriver(dit, voc)
-    codes = _codes(80, seed=14)
+    codes = _codes(120, seed=14)  # 10 blocks: chunks of 1, 2, 4 blocks come at 24, 48 and 96 codes
     opts = tw.StreamOptions(early_vocoder=False)
     wav, parts, st = _drive(drv, ckpt, codes, opts)
-    mel, _ = _stream_codes(dit, ckpt["cond"], ckpt["ref_mel"], codes, [80], opts)
-    assert wav.shape == (80 * 2 * 240,) and st.samples == wav.numel()
+    mel, _ = _stream_codes(dit, ckpt["cond"], ckpt["ref_mel"], codes, [120], opts)
+    assert wav.shape == (120 * 2 * 240,) and st.samples == wav.numel()
     assert (wav - mel_to_wav(voc, mel)).abs().max() <= 1e-4
     assert sum(p.numel() > 0 for p in parts) >= 3
 
