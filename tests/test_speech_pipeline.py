@@ -114,3 +114,29 @@ def test_cli_speech_errors(tiny_checkpoint, tmp_path):
     tpath, _ = tiny_checkpoint(text_only)
     r = omnivox("ask", "--model", str(tpath), "--text", "Hi", "--out", str(tmp_path / "y.wav"))
     assert_clean_error(r, "talker")
+
+
+def test_fast_start_changes_only_the_opening_audio(omni, tiny_checkpoint, tmp_path):
+    """--fast-start (StreamOptions.first_steps) re-solves only the first DiT chunk: same codes, same length, audio
+    different only where the vocoder sees the first chunk's frames."""
+    from omnivox.talker.bigvgan import receptive_field
+    from omnivox.talker.token2wav import StreamOptions
+
+    def audio(**kw):
+        evs = events_of(omni, "Tell me a long story please", 12, 90, **kw)
+        done = evs[-1]
+        return done.codec_ids, np.concatenate([e.samples for e in evs if isinstance(e, AudioChunk)])
+
+    codes, exact = audio()
+    fast_codes, fast = audio(token2wav=StreamOptions(first_steps=4))
+    assert fast_codes == codes and fast.shape == exact.shape
+    dit, voc = omni.token2wav.code2wav_dit_model, omni.token2wav.code2wav_bigvgan_model
+    reach = (dit.cfg.block_size + receptive_field(voc.cfg)[0]) * voc.cfg.hop   # samples that see chunk 0's frames
+    assert exact.size > reach
+    assert np.abs(fast[:reach] - exact[:reach]).max() > 0
+    assert np.array_equal(fast[reach:], exact[reach:])
+
+    path, _ = tiny_checkpoint("base")
+    r = omnivox("ask", "--model", str(path), "--text", "Hello", "--greedy", "--json", "--max-new-tokens", "4",
+                "--max-codec-tokens", "30", "--out", str(tmp_path / "fast.wav"), "--fast-start")
+    assert r.returncode == 0, r.stderr
