@@ -215,17 +215,12 @@ def media_kind(path: Path) -> tuple[str, bool]:
 
 
 def _device(name: str) -> str:
-    import torch
+    from omnivox.cli import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} asked for but no CUDA GPU is available")
-    return name
+        return resolve_device(name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _wav_name(index: int, item: Item) -> str:

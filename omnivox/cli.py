@@ -111,7 +111,8 @@ def _sampling(args, generation: dict):
     )
 
 
-def _device(name: str) -> str:
+def resolve_device(name: str) -> str:
+    """cpu / cuda / cuda:N / auto -> a torch device name; ValueError when it cannot be used here."""
     import torch
 
     if name == "auto":
@@ -157,7 +158,7 @@ def cmd_ask(args) -> int:
         out_dir = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(out_dir):
             raise InputError(f"cannot write {args.out}: directory {out_dir} does not exist")
-    omni = load(args.model, device=_device(args.device), dtype=args.dtype, audio=speech)
+    omni = load(args.model, device=resolve_device(args.device), dtype=args.dtype, audio=speech)
     if speech:
         resolve_speaker(omni, args.speaker)
     sampling = _sampling(args, omni.config.generation)
@@ -221,7 +222,7 @@ def cmd_serve(args) -> int:
             pass
     except OSError as e:
         raise InputError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    omni = load(args.model, device=_device(args.device), dtype=args.dtype, audio=not args.no_audio)
+    omni = load(args.model, device=resolve_device(args.device), dtype=args.dtype, audio=not args.no_audio)
     limits = SessionLimits(max_session_s=args.max_session_seconds, max_output_tokens=args.max_output_tokens,
                            max_codec_tokens=args.max_codec_tokens)
     options = ServerOptions(host=args.host, port=args.port, api_key=args.api_key,
