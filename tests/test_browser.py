@@ -7,9 +7,7 @@ server's VAD hears the person talk over the assistant. Screenshots go to artifac
 """
 
 import base64
-import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,54 +21,20 @@ from speechlike import speechlike, to_pcm16  # noqa: E402
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
 
-import uvicorn  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
+from server_support import LiveServer, free_port, omni  # noqa: E402,F401 (omni: module fixture)
 
-from omnivox.model import load  # noqa: E402
 from omnivox.realtime import SessionLimits  # noqa: E402
-from omnivox.server import ServerOptions, create_app, uvicorn_config  # noqa: E402
+from omnivox.server import ServerOptions  # noqa: E402
 
 SHOTS = Path(__file__).resolve().parent.parent / "artifacts" / "screenshots"
 # a reply of up to 8 s of speech (paced at real time), long enough to be talked over
 LIMITS = dict(max_output_tokens=48, max_codec_tokens=400)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """create_app + uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, omni, **limits):
-        self.options = ServerOptions(port=free_port(), limits=SessionLimits(**{**LIMITS, **limits}))
-        self.server = uvicorn.Server(uvicorn_config(create_app(omni, self.options), self.options, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.options.port}"
-
-
-@pytest.fixture(scope="module")
-def omni(tiny_checkpoint):
-    path, _ = tiny_checkpoint("base")
-    return load(path, audio=True)
+def Server(omni, **limits) -> LiveServer:
+    """The browser tests' server: no API key, LIMITS unless overridden."""
+    return LiveServer(omni, ServerOptions(port=free_port(), limits=SessionLimits(**{**LIMITS, **limits})))
 
 
 @pytest.fixture(scope="module")

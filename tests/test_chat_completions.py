@@ -7,9 +7,7 @@ disconnects cancels the turn."""
 import base64
 import io
 import json
-import socket
 import sys
-import threading
 import time
 from types import SimpleNamespace
 
@@ -27,9 +25,10 @@ from omnivox.engine import EngineBusy
 from omnivox.metrics import Metrics
 from omnivox.model import load
 from omnivox.openai_chat import chat_completions
-from omnivox.server import ServerOptions, create_app
+from omnivox.server import ServerOptions
 from omnivox.streaming.pipeline import SPEECH_SYSTEM_PROMPT, GenerationOptions, TextDelta, generate
 from omnivox.thinker.sampling import SamplingParams
+from server_support import LiveServer, free_port
 
 STORY = [{"role": "user", "content": "Tell me a long story."}]
 
@@ -44,38 +43,15 @@ def omni(tiny_checkpoint):
     return omni
 
 
-class _Server:
-    def __init__(self, app):
-        import uvicorn
-
-        self.app = app
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def server(omni):
-    s = _Server(create_app(omni, ServerOptions(model_id="omni-tiny")))
-    yield s
-    s.close()
+    with LiveServer(omni, ServerOptions(model_id="omni-tiny", port=free_port()), start_timeout=30) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
+    with httpx.Client(base_url=server.base, timeout=120) as c:
         yield c
 
 
@@ -248,7 +224,7 @@ def test_speech_keeps_the_official_system_prompt(spoken, http, omni):
 def test_openai_sdk_parses_streamed_and_whole_speech(server):
     from openai import OpenAI
 
-    client = OpenAI(api_key="unused", base_url=server.url + "/v1")
+    client = OpenAI(api_key="unused", base_url=server.base + "/v1")
     chunks = list(client.chat.completions.create(
         model="omni-tiny", messages=[{"role": "user", "content": "Hi there"}], stream=True, temperature=0,
         modalities=["text", "audio"], audio={"voice": "Chelsie", "format": "pcm16"}, max_tokens=40, seed=3,
@@ -278,7 +254,7 @@ def test_openai_sdk_parses_streamed_and_whole_speech(server):
 def test_openai_sdk_sees_bad_requests_as_bad_request_errors(server):
     import openai
 
-    client = openai.OpenAI(api_key="unused", base_url=server.url + "/v1", max_retries=0)
+    client = openai.OpenAI(api_key="unused", base_url=server.base + "/v1", max_retries=0)
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="omni-tiny", messages=[{"role": "user", "content": "Hi"}],
                                        modalities=["text", "audio"], audio={"voice": "alloy", "format": "pcm16"})
@@ -444,7 +420,7 @@ def test_client_disconnect_cancels_the_turn(server, http):
     engine = server.app.state.engine
     before = metric(http, "omnivox_responses_total", status="cancelled")
     body = dict(AUDIO_BODY, stream=True, max_tokens=400, max_audio_tokens=4000)
-    with httpx.Client(base_url=server.url, timeout=60) as c:
+    with httpx.Client(base_url=server.base, timeout=60) as c:
         with c.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
@@ -461,7 +437,7 @@ def test_client_disconnect_cancels_a_non_streamed_turn(server, http):
     engine = server.app.state.engine
     before = metric(http, "omnivox_responses_total", status="cancelled")
     body = dict(AUDIO_BODY, max_tokens=400, max_audio_tokens=4000)
-    with httpx.Client(base_url=server.url, timeout=1.5) as c:
+    with httpx.Client(base_url=server.base, timeout=1.5) as c:
         with pytest.raises(httpx.ReadTimeout):
             c.post("/v1/chat/completions", json=body)    # gives up after 1.5 s and closes the connection
     t0 = time.perf_counter()

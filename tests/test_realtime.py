@@ -10,68 +10,40 @@ import contextlib
 import gc
 import io
 import json
-import socket
 import sys
-import threading
 import time
 import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
 import websockets
 from openai import AsyncOpenAI
 
-from omnivox.model import load
 from omnivox.realtime import SessionLimits
-from omnivox.server import ServerOptions, create_app, uvicorn_config
+from omnivox.server import ServerOptions
 
 sys.path.insert(0, str(Path(__file__).parent))
+from server_support import LiveServer, free_port, omni  # noqa: E402,F401 (omni: module fixture)
 from speechlike import silence, speechlike  # noqa: E402
 
 KEY = "test-key"
 QUICK = dict(max_output_tokens=8, max_codec_tokens=30)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(LiveServer):
+    """The realtime tests' server: API key KEY, QUICK limits unless `limits` overrides some."""
 
-
-class Server:
-    def __init__(self, omni, **kw):
-        limits = SessionLimits(**{**QUICK, **kw.pop("limits", {})})
-        self.options = ServerOptions(port=free_port(), api_key=kw.pop("api_key", KEY), limits=limits, **kw)
-        self.app = create_app(omni, self.options)
-        self.server = uvicorn.Server(uvicorn_config(self.app, self.options, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        for _ in range(500):
-            if self.server.started:
-                return self
-            time.sleep(0.01)
-        raise RuntimeError("server did not start")
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+    def __init__(self, omni, limits=None, api_key=KEY, **options):
+        limits = SessionLimits(**{**QUICK, **(limits or {})})
+        super().__init__(omni, ServerOptions(port=free_port(), api_key=api_key, limits=limits, **options))
 
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.options.port}/v1"
 
     def client(self) -> AsyncOpenAI:
-        return AsyncOpenAI(api_key=KEY, websocket_base_url=self.url, base_url=f"http://127.0.0.1:{self.options.port}/v1")
-
-
-@pytest.fixture(scope="module")
-def omni(tiny_checkpoint):
-    path, _ = tiny_checkpoint("base")
-    return load(path, audio=True)
+        return AsyncOpenAI(api_key=KEY, websocket_base_url=self.url, base_url=f"{self.base}/v1")
 
 
 @pytest.fixture(scope="module")

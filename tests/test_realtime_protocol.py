@@ -17,15 +17,9 @@ import pytest
 import websockets
 from PIL import Image
 
-from omnivox.model import load
+from server_support import omni  # noqa: F401 (module fixture)
 from test_realtime import KEY, Server, b64pcm, run
 from speechlike import silence, speechlike
-
-
-@pytest.fixture(scope="module")
-def omni(tiny_checkpoint):
-    path, _ = tiny_checkpoint("base")
-    return load(path, audio=True)
 
 
 @pytest.fixture(scope="module")

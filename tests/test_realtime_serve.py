@@ -14,7 +14,8 @@ import pytest
 from omnivox.model import load
 from omnivox.streaming.pipeline import SPEECH_SYSTEM_PROMPT
 from test_cli import assert_clean_error, omnivox
-from test_realtime import Server, free_port, run
+from server_support import free_port
+from test_realtime import Server, run
 from test_realtime_protocol import Raw, text_user
 
 
