@@ -57,17 +57,9 @@ class Item:
 # Inputs
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def parse_args(argv=None) -> argparse.Namespace:
+    from omnivox.cli import positive_int  # argparse only: torch loads later
+
     p = argparse.ArgumentParser(description="Answer questions about audio/video/image files with omnivox: text "
                                 "answers as JSONL, spoken answers as WAV.")
     p.add_argument("files", nargs="*", metavar="FILE", help="media files or folders (with --question)")
@@ -82,8 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--speaker", default=None, help="voice from the checkpoint's spk_dict.pt (default Chelsie)")
     p.add_argument("--system", default=None, help="system prompt (default: the official speech prompt when "
                    "speaking, the chat template's otherwise)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=512, help="text tokens per answer")
-    p.add_argument("--max-codec-tokens", type=_positive_int, default=4096,
+    p.add_argument("--max-new-tokens", type=positive_int, default=512, help="text tokens per answer")
+    p.add_argument("--max-codec-tokens", type=positive_int, default=4096,
                    help="Talker limit per answer (50 codec tokens per second of speech)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding everywhere (deterministic)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed; each question is seeded alike")

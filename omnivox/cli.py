@@ -15,7 +15,7 @@ import sys
 DEFAULT_MODEL = "Qwen/Qwen2.5-Omni-3B"
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--video", action="append", default=[], metavar="FILE", help="video file (repeatable)")
     ask.add_argument("--use-audio-in-video", action="store_true",
                      help="also listen to the videos' audio tracks (interleaved with the frames)")
-    ask.add_argument("--max-new-tokens", type=_positive_int, default=512)
+    ask.add_argument("--max-new-tokens", type=positive_int, default=512)
     mode = ask.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="argmax decoding everywhere (deterministic)")
     mode.add_argument("--temperature", type=float, default=None)
@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--out", default=None, metavar="WAV",
                      help="speak the answer into this 24 kHz WAV file, written as the audio is produced")
     ask.add_argument("--speaker", default=None, help="voice from the checkpoint's spk_dict.pt (default Chelsie)")
-    ask.add_argument("--max-codec-tokens", type=_positive_int, default=4096,
+    ask.add_argument("--max-codec-tokens", type=positive_int, default=4096,
                      help="Talker limit (50 codec tokens per second of speech)")
     ask.add_argument("--fast-start", action="store_true",
                      help="approximate: solve the first speech chunk with 4 ODE time points instead of 10, so "
@@ -71,12 +71,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="require this key (Authorization: Bearer, or the openai-insecure-api-key. subprotocol)")
     serve.add_argument("--allow-origin", action="append", default=[], metavar="URL",
                        help="browser origin allowed to connect, e.g. https://app.example.com (repeatable)")
-    serve.add_argument("--max-sessions", type=_positive_int, default=16, help="open websocket sessions at most")
-    serve.add_argument("--max-active", type=_positive_int, default=4, help="responses generated together")
+    serve.add_argument("--max-sessions", type=positive_int, default=16, help="open websocket sessions at most")
+    serve.add_argument("--max-active", type=positive_int, default=4, help="responses generated together")
     serve.add_argument("--max-queued", type=int, default=16, help="responses waiting; more get server_busy")
-    serve.add_argument("--max-session-seconds", type=_positive_int, default=3600)
-    serve.add_argument("--max-output-tokens", type=_positive_int, default=1024, help="Thinker tokens per response")
-    serve.add_argument("--max-codec-tokens", type=_positive_int, default=4096, help="Talker codes per response")
+    serve.add_argument("--max-session-seconds", type=positive_int, default=3600)
+    serve.add_argument("--max-output-tokens", type=positive_int, default=1024, help="Thinker tokens per response")
+    serve.add_argument("--max-codec-tokens", type=positive_int, default=4096, help="Talker codes per response")
     serve.add_argument("--no-audio", action="store_true", help="text only: skip the Talker and token2wav weights")
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
