@@ -230,19 +230,20 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         B, T, _ = x.shape
-        q = self.to_q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)             # (B, H, T, D)
-        k = self.to_k(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)             # (B, H, T, D)
-        v = self.to_v(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)             # (B, H, T, D)
-        q = torch.cat([_rope_interleaved(q[:, :1], cos, sin), q[:, 1:]], dim=1)
-        k = torch.cat([_rope_interleaved(k[:, :1], cos, sin), k[:, 1:]], dim=1)
+        q = self.to_q(x).view(B, T, self.heads, self.head_dim)                             # (B, T, H, D)
+        k = self.to_k(x).view(B, T, self.heads, self.head_dim)                             # (B, T, H, D)
+        v = self.to_v(x).view(B, T, self.heads, self.head_dim)                             # (B, T, H, D)
+        for t in (q, k):  # fresh projections: head 0 is rotated in place, the other heads are left as they are
+            t[:, :, 0] = _rope_interleaved(t[:, :, 0], cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)                  # (B, H, T, D)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                      # (B, H, T, D)
         return self.to_out[0](out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 
 def _rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x[2i], x[2i+1]) by angle i; output de-interleaved (rotated evens, then rotated odds)."""
-    even, odd = x[..., 0::2], x[..., 1::2]                                                 # (B, 1, T, D/2)
-    return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)            # (B, 1, T, D)
+    even, odd = x[..., 0::2], x[..., 1::2]                                                 # (B, T, D/2)
+    return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)            # (B, T, D)
 
 
 class DiTLayer(nn.Module):
@@ -257,19 +258,36 @@ class DiTLayer(nn.Module):
         self.ff.ff = nn.ModuleList([nn.Linear(h, inner), nn.GELU(approximate="tanh"), nn.Identity(),
                                     nn.Linear(inner, h)])
 
-    def forward(self, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        """mod (1, 6h): this layer's adaptive-norm modulation for the current time (`DiT.modulation`)."""
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.unsqueeze(1).chunk(6, dim=-1)  # (1, 1, h) each
-        h = _layer_norm(x) * (1 + scale_a) + shift_a
-        x = x + gate_a * self.attn(h, cos, sin, mask)
-        h = _layer_norm(x) * (1 + scale_f) + shift_f
+    def forward(self, x: Tensor, mod: "Modulation", cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        """mod: this layer's adaptive-norm modulation for the current time (`DiT.modulation`)."""
+        h = _layer_norm(x, mod.scale_a, mod.shift_a)                # LN(x) * (1 + scale) + shift, one kernel
+        x = torch.addcmul(x, mod.gate_a, self.attn(h, cos, sin, mask))                    # x + gate * attn
+        h = _layer_norm(x, mod.scale_f, mod.shift_f)
         for layer in self.ff.ff:
             h = layer(h)
-        return x + gate_f * h
+        return torch.addcmul(x, mod.gate_f, h)
 
 
-def _layer_norm(x: Tensor) -> Tensor:
-    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+def _layer_norm(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """Affine-free LayerNorm (eps 1e-6) modulated as LN(x) * scale + shift; scale holds 1 + the modulation's scale."""
+    return F.layer_norm(x, (x.shape[-1],), scale, shift, eps=1e-6)
+
+
+@dataclass
+class Modulation:
+    """One layer's adaptive-norm modulation at one ODE time, each (h,); `scale_*` already hold 1 + scale."""
+    shift_a: Tensor
+    scale_a: Tensor
+    gate_a: Tensor
+    shift_f: Tensor
+    scale_f: Tensor
+    gate_f: Tensor
+
+    @classmethod
+    def from_linear(cls, out: Tensor) -> "Modulation":  # out (1, 6h): the layer's `attn_norm.linear` output
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = out[0].chunk(6)                # (h,) each
+        return cls(shift_a.contiguous(), (1 + scale_a), gate_a.contiguous(), shift_f.contiguous(), (1 + scale_f),
+                   gate_f.contiguous())
 
 
 @dataclass
@@ -282,7 +300,7 @@ class Speaker:
 @dataclass
 class DiTInputs:
     """Everything an ODE evaluation needs besides the noisy mel and the time; built once per window."""
-    static: Tensor            # (B, T, enc_dim + emb_dim + enc_emb_dim): [speaker enc | code embedding | x-vector]
+    static: Tensor            # (B, T, hidden): input projection of [speaker enc | code embedding | x-vector] + bias
     cos: Tensor               # (T, head_dim / 2)
     sin: Tensor               # (T, head_dim / 2)
     masks: list[Tensor]       # per layer (T, T) bool, True = may attend
@@ -362,6 +380,10 @@ class DiT(nn.Module):
             emb = torch.cat([emb, self.text_embed.codec_embed.weight[:1].expand(1, T, -1)], dim=0)  # (2, T, emb)
         static = torch.cat([speaker.spk.unsqueeze(1).expand(-1, T, -1), emb,
                             speaker.cond.unsqueeze(1).expand(-1, T, -1)], dim=-1)          # (B, T, enc+emb+x)
+        # the input projection is linear: its conditioning columns are applied here, once per window; each
+        # evaluation adds only the noisy mel's columns (`forward`)
+        proj = self.input_embed.proj
+        static = F.linear(static, proj.weight[:, c.mel_dim:], proj.bias)                  # (B, T, h)
         pos = torch.arange(start, start + T, device=codes.device)
         freqs = pos[:, None].float() * self.inv_freq.to(codes.device)                     # (T, D/2)
         block = pos // c.block_size
@@ -379,17 +401,16 @@ class DiT(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, inp: DiTInputs) -> Tensor:
         """x (1, T, mel) noisy mel, t 0-d time in [0, 1] -> (B, T, mel) velocity per CFG branch."""
-        B = inp.static.shape[0]
-        mods, out_mod = self.modulation(t, x.dtype)
-        h = self.input_embed.proj(torch.cat([x.expand(B, -1, -1), inp.static], dim=-1))   # (B, T, h)
+        mods, (out_scale, out_shift) = self.modulation(t, x.dtype)
+        mel_cols = self.input_embed.proj.weight[:, :self.cfg.mel_dim]                      # (h, mel)
+        h = inp.static + F.linear(x, mel_cols)                                             # (B, T, h)
         for layer, mod, mask in zip(self.transformer_blocks, mods, inp.masks):
             h = layer(h, mod, inp.cos, inp.sin, mask)
-        scale, shift = out_mod.unsqueeze(1).chunk(2, dim=-1)                               # (1, 1, h) each
-        h = _layer_norm(h) * (1 + scale) + shift
+        h = _layer_norm(h, out_scale, out_shift)
         return self.proj_out(h)                                                            # (B, T, mel)
 
-    def modulation(self, t: Tensor, dtype: torch.dtype) -> tuple[list[Tensor], Tensor]:
-        """Per-layer adaptive-norm modulations (1, 6h) and the output norm's (1, 2h) for time t.
+    def modulation(self, t: Tensor, dtype: torch.dtype) -> tuple[list[Modulation], tuple[Tensor, Tensor]]:
+        """Per-layer adaptive-norm modulations and the output norm's (1 + scale, shift), each (h,), for time t.
 
         They depend on t alone, and the solver visits the same ~28 time points in every window, so they are
         computed once per (t, dtype) and reused: the same ops on the same inputs, bit-identical, but the 22 x 6h x h
@@ -403,8 +424,9 @@ class DiT(nn.Module):
         hit = None if torch.is_grad_enabled() else self._mod_cache.get(key)
         if hit is None:
             t_act = F.silu(self._time_embedding(t.reshape(1).to(dtype)))                  # (1, h)
-            hit = ([layer.attn_norm.linear(t_act) for layer in self.transformer_blocks],
-                   self.norm_out.linear(t_act))
+            scale, shift = self.norm_out.linear(t_act)[0].chunk(2)                          # (h,) each
+            hit = ([Modulation.from_linear(layer.attn_norm.linear(t_act)) for layer in self.transformer_blocks],
+                   (1 + scale, shift.contiguous()))
             if torch.is_grad_enabled():
                 return hit
             if len(self._mod_cache) >= 256:  # a few solver schedules at most; never grows without bound

@@ -83,6 +83,55 @@ def test_first_audio_arrives_while_thinker_still_writing(omni):
     assert audio.size == pytest.approx(done.audio_seconds * 24000)
 
 
+def test_overlapped_thinker_gives_the_same_reply_and_audio(omni, monkeypatch):
+    """The Thinker's feed on a helper thread while the Talker samples (the default) changes timing only: text,
+    token ids, codes and waveform equal the one-thread run, with sampling on in both models."""
+    import threading
+
+    from omnivox.streaming import pipeline
+
+    threads = []
+    real_decode_step = pipeline.decode_step
+
+    def recording(*args):
+        threads.append(threading.current_thread().name)
+        return real_decode_step(*args)
+
+    monkeypatch.setattr(pipeline, "decode_step", recording)
+    # sampling on: the Thinker's and the Talker's random draws must come in the same order either way
+    sampling = SamplingParams(greedy=False, temperature=0.9, top_k=40, top_p=0.9, seed=7)
+    messages = user_messages("Tell me about the sea.", SPEECH_SYSTEM_PROMPT)
+    runs = {}
+    for overlap in (True, False):
+        threads.clear()
+        opts = GenerationOptions(max_new_tokens=40, sampling=sampling, audio=True, max_codec_tokens=90,
+                                 overlap=overlap)
+        runs[overlap] = list(generate(omni, messages, opts))
+        helper = [t for t in threads if t.startswith("omnivox-thinker")]
+        assert (len(helper) == len(threads) > 10) if overlap else not helper, threads
+    on, off = runs[True][-1], runs[False][-1]
+    assert on.token_ids == off.token_ids and on.text == off.text
+    assert on.codec_ids == off.codec_ids and len(on.codec_ids) > 24
+    wave = {k: np.concatenate([e.samples for e in v if isinstance(e, AudioChunk)]) for k, v in runs.items()}
+    assert wave[True].size > 0
+    np.testing.assert_array_equal(wave[True], wave[False])
+    assert "".join(e.text for e in runs[True] if isinstance(e, TextDelta)) == on.text
+
+
+def test_closing_an_overlapped_reply_leaves_no_thread_running(omni):
+    import threading
+
+    opts = GenerationOptions(max_new_tokens=40, sampling=GREEDY, audio=True, talker_sampling=GREEDY,
+                             max_codec_tokens=90)
+    gen = generate(omni, user_messages("Tell me about the sea.", SPEECH_SYSTEM_PROMPT), opts)
+    for event in gen:
+        if isinstance(event, AudioChunk):
+            break
+    assert any(t.name.startswith("omnivox-thinker") for t in threading.enumerate())
+    gen.close()
+    assert not any(t.name.startswith("omnivox-thinker") for t in threading.enumerate())
+
+
 def test_speaker_choice_and_unknown_speaker(omni):
     a = events_of(omni, "Hi", max_new=6, max_codes=30, speaker="Chelsie")[-1]
     b = events_of(omni, "Hi", max_new=6, max_codes=30, speaker="Ethan")[-1]
