@@ -13,6 +13,10 @@ Lengths are forced so both produce exactly --text-tokens reply tokens and --code
 the Thinker's EOS ids and the codec_head rows of every control id (>= 8192: pad/bos/eos/mask) are zeroed, so with
 random weights argmax never picks them. Greedy Thinker and greedy Talker (no repetition penalty) in both.
 
+Ours runs after one warm-up request with another question and the same system prompt (as any earlier request in
+a running process), so its prompt rows up to the question are reused (`streaming/prefix.py`); the first audio is
+also measured without that reuse, and without the overlapped Thinker (the whole pipeline on one thread).
+
 Measured: time to the first audio sample and to the end. The reference returns one waveform at the end, so its
 first audio is its total. token2wav real-time factor = seconds spent in token2wav / seconds of audio produced
 (ours: the streaming DiT windows + vocoder windows inside the same run; reference: its one-shot
@@ -38,6 +42,14 @@ import torch
 HERE = Path(__file__).resolve().parent
 CONFIG_3B = Path("/work/shared/configs/qwen2.5-omni-3b.config.json")
 QUESTION = "Tell me a short story about a fox who learns to sing, please."
+WARM_UP_QUESTION = "Hello! Who are you?"
+
+
+def input_len(omni, messages) -> int:
+    from omnivox.streaming.prompt import build_prompt
+
+    with torch.inference_mode():
+        return build_prompt(omni, messages).length
 
 
 def _rope(d: dict) -> None:
@@ -156,8 +168,10 @@ def ref_run(ref, input_ids: torch.Tensor, text_tokens: int, codes: int) -> dict:
                 audio_s=wav.numel() / 24000, clock=clock)
 
 
-def ours_run(omni, messages, text_tokens: int, codes: int, verbose: bool = False, first_steps=None) -> dict:
+def ours_run(omni, messages, text_tokens: int, codes: int, verbose: bool = False, first_steps=None,
+             overlap: bool = True, reuse_prefix: bool = True, first_audio_only: bool = False) -> dict:
     from omnivox.streaming import pipeline
+    from omnivox.streaming.prompt import build_prompt
     from omnivox.talker import model as talker_mod
     from omnivox.talker import token2wav as t2w_mod
     from omnivox.thinker.sampling import SamplingParams
@@ -178,18 +192,27 @@ def ours_run(omni, messages, text_tokens: int, codes: int, verbose: bool = False
     greedy = SamplingParams(greedy=True)
     opts = pipeline.GenerationOptions(max_new_tokens=text_tokens, sampling=greedy, audio=True,
                                       talker_sampling=greedy, max_codec_tokens=codes,
-                                      token2wav=t2w_mod.StreamOptions(first_steps=first_steps))
+                                      token2wav=t2w_mod.StreamOptions(first_steps=first_steps), overlap=overlap,
+                                      reuse_prefix=reuse_prefix)
+    with torch.inference_mode():
+        ids = build_prompt(omni, messages).input_ids
+    reused = omni.prefix_cache.match(ids, pipeline.media_ids(omni), thinker=True)[1] if reuse_prefix else 0
     chunks, pieces = [], []
     cpu_first = None
     try:
         c0 = time.process_time()
         t0 = time.perf_counter()
-        for ev in pipeline.generate(omni, messages, opts):
+        events = pipeline.generate(omni, messages, opts)
+        for ev in events:
             if isinstance(ev, pipeline.AudioChunk):
                 if not chunks:
                     cpu_first = time.process_time() - c0
+                    first = time.perf_counter() - t0
                     if verbose:
-                        print(f"  first audio after {time.perf_counter() - t0:.1f} s", flush=True)
+                        print(f"  first audio after {first:.1f} s", flush=True)
+                    if first_audio_only:
+                        events.close()
+                        return dict(first_audio=first, cpu_first_audio=cpu_first, reused=reused, clock=clock)
                 chunks.append((time.perf_counter() - t0, ev.samples.size))
                 pieces.append(ev.samples)
             elif isinstance(ev, pipeline.Done):
@@ -199,7 +222,7 @@ def ours_run(omni, messages, text_tokens: int, codes: int, verbose: bool = False
     finally:
         for m, n, fn in originals:
             setattr(m, n, fn)
-    return dict(total=total, first_audio=done.timings["first_audio_ms"] / 1000, cpu_total=cpu,
+    return dict(total=total, first_audio=done.timings["first_audio_ms"] / 1000, cpu_total=cpu, reused=reused,
                 cpu_first_audio=cpu_first, text_tokens=len(done.token_ids),
                 codes=len(done.codec_ids), audio_s=done.audio_seconds, wav=np.concatenate(pieces), chunks=chunks, clock=clock, done=done)
 
@@ -266,10 +289,18 @@ def main(argv=None) -> int:
 
     omni = omni_load(out, audio=True)
     print(f"ours loaded in {omni.load_s:.1f} s; warm-up ...", flush=True)
-    ours_run(omni, messages, 2, 12)                                  # allocator / first-call costs
+    # allocator / first-call costs; another question with the same (speech) system prompt, as any earlier
+    # request in a running process: its prompt prefix is what the measured run may reuse
+    ours_run(omni, user_messages(WARM_UP_QUESTION, SPEECH_SYSTEM_PROMPT), 2, 12)
     print("ours generate ...", flush=True)
     o = ours_run(omni, messages, args.text_tokens, args.codes, verbose=True)
-    print(f"  done in {o['total']:.1f} s; load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"  done in {o['total']:.1f} s ({o['reused']} of {input_len(omni, messages)} prompt rows reused from the "
+          f"warm-up request); load average {os.getloadavg()[0]:.2f}", flush=True)
+    print("ours, first audio only: without prefix reuse; then also without the overlapped Thinker ...", flush=True)
+    o["cold"] = ours_run(omni, messages, args.text_tokens, args.codes, verbose=True, reuse_prefix=False,
+                         first_audio_only=True)
+    o["serial"] = ours_run(omni, messages, args.text_tokens, args.codes, verbose=True, reuse_prefix=False,
+                           overlap=False, first_audio_only=True)
     if args.first_steps:
         print(f"ours generate, fast start (first window {args.first_steps} ODE time points) ...", flush=True)
         o["fast"] = ours_run(omni, messages, args.text_tokens, args.codes, verbose=True,
@@ -299,6 +330,8 @@ def report(args, o: dict, r: dict | None) -> None:
 
     r_t2w = r["clock"].seconds["token2wav"] if r else None
     row("first audio (s)", r["first_audio"] if r else None, o["first_audio"])
+    row("  no prefix reuse (s)", r["first_audio"] if r else None, o["cold"]["first_audio"])
+    row("  + no overlap (s)", r["first_audio"] if r else None, o["serial"]["first_audio"])
     row("total (s)", r["total"] if r else None, o["total"])
     # CPU seconds of the process (all threads): what each run cost, whatever else shared the cores meanwhile
     row("first audio (CPU s)", r["cpu_first_audio"] if r else None, o["cpu_first_audio"])

@@ -19,6 +19,7 @@ from torch import nn
 from omnivox.config import OmniConfig
 from omnivox.errors import CheckpointError
 from omnivox.loading import Checkpoint, checkpoint_dtype, load_module, load_speakers, resolve_model_path
+from omnivox.streaming.prefix import PrefixCache
 
 
 class Token2Wav(nn.Module):
@@ -65,6 +66,8 @@ class Omni:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     load_s: float = 0.0
+    # text-only prompt prefixes computed by earlier requests (the speech system prompt above all)
+    prefix_cache: PrefixCache = field(default_factory=PrefixCache)
 
     @property
     def thinker(self):

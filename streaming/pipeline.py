@@ -10,7 +10,8 @@ Speech runs in lock-step behind the Thinker, in the same loop: each time the Thi
 `decode_step`, that token and its hidden state go to the Talker, which then samples every code it can (code k needs
 reply entry k only); codes go to token2wav in small groups, which returns the waveform samples that became final
 (its DiT works block by block with past/future context, its vocoder with an exact overlap). So the first audio
-arrives after the Thinker has produced only a few dozen tokens, long before the text is finished.
+arrives after the Thinker has produced only a few dozen tokens, long before the text is finished. Within a round
+the Thinker's feed runs on a helper thread while the Talker samples from the previous entry (`decode_reply`).
 
 Timings (milliseconds from the call): `first_token_ms` is when the first reply token was sampled; `first_audio_ms`
 when the first audio samples were ready; `tokens_per_s` is the Thinker's rate after the first token,
@@ -53,6 +54,8 @@ class GenerationOptions:
                                               # the defaults with token2wav_seed (exact math, early first chunk)
     overlap: bool = True                  # speech: the Thinker's next step on a helper thread while the Talker
                                           # samples (same results; False runs both on the calling thread)
+    reuse_prefix: bool = True             # copy prompt rows an earlier request computed (omni.prefix_cache;
+                                          # streaming/prefix.py) instead of prefilling them again
 
 
 @dataclass
@@ -178,10 +181,15 @@ class Speech:
             if self.first is None:
                 return
             token, hidden = self.first
+            prefixes = getattr(self.omni, "prefix_cache", None) if self.options.reuse_prefix else None
+            media = media_ids(self.omni)
             self.state = talker_prefill(
                 self.omni.talker, self.omni.thinker.model.embed_tokens, self.prompt_ids, self.prompt_hidden,
                 token, hidden, int(self.speaker["bos_token"]), prompt_position_ids=self.prompt_positions,
-                max_new_tokens=self.options.max_codec_tokens)
+                max_new_tokens=self.options.max_codec_tokens,
+                prefix=prefixes.talker_rows(self.prompt_ids, media) if prefixes is not None else None)
+            if prefixes is not None:
+                prefixes.store_talker(self.prompt_ids, self.state.cache, self.prompt_ids.shape[1], media)
         # None means "waiting for the next reply entry" before the end, "finished" after it
         while (code := talker_step(self.omni.talker, self.state, self.sampler)) is not None:
             self.codes.append(code)
@@ -221,6 +229,12 @@ class Speech:
         if wav.numel():
             self.samples += wav.numel()
             yield AudioChunk(wav.detach().float().cpu().numpy())
+
+
+def media_ids(omni) -> tuple[int, int, int]:
+    """The Thinker's media placeholder ids: prompt rows after the first of them depend on more than the ids."""
+    t = omni.config.tokens
+    return (t.audio, t.image, t.video)
 
 
 def check_options(omni, options: GenerationOptions) -> None:
@@ -386,7 +400,18 @@ def generate(omni, messages: list[dict], options: GenerationOptions) -> Iterator
     param = next(thinker.parameters())
     cache = KVCache.allocate(cfg, batch=1, max_len=total, device=device, dtype=param.dtype)
 
-    logits, prompt_hidden = prefill(thinker, cache, prompt.inputs_embeds, prompt.position_ids)  # (1,V), (1,T,H)
+    prefixes = getattr(omni, "prefix_cache", None) if options.reuse_prefix else None
+    media = media_ids(omni)
+    entry, reused = prefixes.match(prompt.input_ids, media, thinker=True) if prefixes is not None else (None, 0)
+    if entry is not None:                           # rows [0, reused) as an earlier request computed them
+        head = prefixes.restore(entry, reused, cache)                                          # (1, reused, H)
+        logits, rest = prefill(thinker, cache, prompt.inputs_embeds[:, reused:],
+                               prompt.position_ids[:, :, reused:])                             # (1,V), (1,T-r,H)
+        prompt_hidden = torch.cat([head.to(rest.dtype), rest], dim=1)                          # (1, T, H)
+    else:
+        logits, prompt_hidden = prefill(thinker, cache, prompt.inputs_embeds, prompt.position_ids)  # (1,V), (1,T,H)
+    if prefixes is not None:
+        prefixes.store(prompt.input_ids, cache, prompt_hidden, media)
     speech = Speech(omni, options, prompt.input_ids, prompt.position_ids, prompt_hidden) if options.audio else None
 
     def feed(next_id: torch.Tensor, index: int):

@@ -139,11 +139,14 @@ class Talker(nn.Module):
         self.model = TextDecoder(dec)  # embed_tokens: codec embedding (vocab, embedding_size)
         self.codec_head = nn.Linear(dec.hidden_size, dec.vocab_size, bias=False)
 
-    def forward(self, rows: Tensor, position_ids: Tensor, cache: KVCache) -> Tensor:
-        """rows (B, T, Ht): text track + codec track in the Thinker's width -> fp32 logits (B, T, V)."""
+    def forward(self, rows: Tensor, position_ids: Tensor, cache: KVCache, last_only: bool = False) -> Tensor:
+        """rows (B, T, Ht): text track + codec track in the Thinker's width -> fp32 logits (B, T, V), or (B, 1, V)
+        for the last row only."""
         x = self.thinker_to_talker_proj(rows)  # (B, T, H)
         hidden = self.model(x, position_ids, cache)  # (B, T, H)
-        return self.codec_head(hidden).float()  # (B, T, V)
+        if last_only:
+            hidden = hidden[:, -1:]  # (B, 1, H)
+        return self.codec_head(hidden).float()  # (B, T or 1, V)
 
 
 @dataclass
@@ -203,7 +206,7 @@ def _check_id(token_id: int, vocab: int, what: str) -> int:
 def talker_prefill(talker: Talker, thinker_embed_tokens: nn.Embedding, prompt_ids: Tensor, prompt_hidden: Tensor,
                    first_reply_id: int, first_reply_hidden: Tensor, speaker_bos: int,
                    prompt_position_ids: Tensor | None = None, max_new_tokens: int = TALKER_MAX_NEW_TOKENS,
-                   cache: KVCache | None = None) -> TalkerState:
+                   cache: KVCache | None = None, prefix: KVCache | None = None) -> TalkerState:
     """Run the Talker prompt (T + 2 rows); the returned state holds the logits of the first code.
 
     prompt_ids (1, T): the Thinker's input ids; prompt_hidden (1, T, Ht): its final-norm hidden states;
@@ -211,6 +214,8 @@ def talker_prefill(talker: Talker, thinker_embed_tokens: nn.Embedding, prompt_id
     token; speaker_bos: the speaker's `bos_token` from spk_dict.pt (a Thinker vocabulary id);
     prompt_position_ids (3, 1, T): the Thinker's position ids of the prompt (None for a text-only prompt);
     cache: a preallocated Talker cache to reuse (it is reset), else one of T + 2 + max_new_tokens is allocated.
+    prefix: the keys/values of the first `prefix.length` <= T prompt rows from an earlier run over the same prompt
+    ids (`streaming.prefix.PrefixCache`); those rows are copied, not recomputed.
     """
     cfg = talker.cfg
     width = cfg.decoder.embedding_size
@@ -251,7 +256,16 @@ def talker_prefill(talker: Talker, thinker_embed_tokens: nn.Embedding, prompt_id
             raise ValueError(f"the given cache (batch {cache.batch}, max_len {cache.max_len}) cannot hold "
                              f"{t + 2} prompt rows + {max_new_tokens - 1} decode rows")
         cache.reset()
-    logits = talker(rows.to(dtype), positions, cache)[:, -1]  # (1, V)
+    n = 0
+    if prefix is not None:
+        n = prefix.length
+        if not 0 <= n <= t or prefix.k.shape[:3] != cache.k.shape[:3] or prefix.k.shape[4:] != cache.k.shape[4:]:
+            raise ValueError(f"prefix rows ({n}, keys {tuple(prefix.k.shape)}) do not fit this prompt ({t} rows) "
+                             f"and cache (keys {tuple(cache.k.shape)})")
+        cache.k[:, :, :, :n].copy_(prefix.k[:, :, :, :n])
+        cache.v[:, :, :, :n].copy_(prefix.v[:, :, :, :n])
+        cache.length = n
+    logits = talker(rows[:, n:].to(dtype), positions[:, :, n:], cache, last_only=True)[:, -1]  # (1, V)
 
     state = TalkerState(cache=cache, embed_tokens=thinker_embed_tokens, eos_row=text[2], pad_row=text[3],
                         next_position=next_pos, max_new_tokens=max_new_tokens, logits=logits)
