@@ -321,7 +321,6 @@ def decode_reply(omni, options: GenerationOptions, logits: torch.Tensor, prompt_
                 t_audio = time.perf_counter()
             yield chunk
 
-
     pool = ThreadPoolExecutor(1, thread_name_prefix="omnivox-thinker") \
         if speech is not None and options.overlap else None
     feed_there = _same_grad_mode(thinker.feed)
