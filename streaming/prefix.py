@@ -121,11 +121,7 @@ class PrefixCache:
         """Copy the entry's first n Thinker rows into an empty cache; returns their hidden states (1, n, H)."""
         if entry.k is None:
             raise ValueError("this prefix entry holds Talker rows only")
-        if cache.length != 0:
-            raise ValueError("prefix rows go into an empty cache")
-        cache.k[:, :, :, :n].copy_(entry.k[:, :, :, :n])
-        cache.v[:, :, :, :n].copy_(entry.v[:, :, :, :n])
-        cache.length = n
+        cache.fill(entry.k, entry.v, n)
         return entry.hidden[:, :n]
 
     def talker_rows(self, ids: Tensor, media_ids: tuple[int, ...]) -> KVCache | None:

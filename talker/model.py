@@ -259,12 +259,9 @@ def talker_prefill(talker: Talker, thinker_embed_tokens: nn.Embedding, prompt_id
     n = 0
     if prefix is not None:
         n = prefix.length
-        if not 0 <= n <= t or prefix.k.shape[:3] != cache.k.shape[:3] or prefix.k.shape[4:] != cache.k.shape[4:]:
-            raise ValueError(f"prefix rows ({n}, keys {tuple(prefix.k.shape)}) do not fit this prompt ({t} rows) "
-                             f"and cache (keys {tuple(cache.k.shape)})")
-        cache.k[:, :, :, :n].copy_(prefix.k[:, :, :, :n])
-        cache.v[:, :, :, :n].copy_(prefix.v[:, :, :, :n])
-        cache.length = n
+        if n > t:
+            raise ValueError(f"{n} prefix rows for a prompt of {t} rows")
+        cache.fill(prefix.k, prefix.v, n)
     logits = talker(rows[:, n:].to(dtype), positions[:, :, n:], cache, last_only=True)[:, -1]  # (1, V)
 
     state = TalkerState(cache=cache, embed_tokens=thinker_embed_tokens, eos_row=text[2], pad_row=text[3],

@@ -68,6 +68,18 @@ class KVCache:
             raise ValueError(f"cannot truncate a KV cache of length {self.length} to {n}")
         self.length = n
 
+    def fill(self, k: Tensor, v: Tensor, n: int) -> None:
+        """Start an empty cache with the first n positions of keys/values k, v (L, B, Hkv, >= n, D) computed
+        elsewhere (a stored prompt prefix)."""
+        if self.length != 0:
+            raise ValueError("prefix rows go into an empty cache")
+        if k.shape[:3] != self.k.shape[:3] or k.shape[4:] != self.k.shape[4:] or not 0 <= n <= min(k.shape[3],
+                                                                                                  self.max_len):
+            raise ValueError(f"{n} rows of keys {tuple(k.shape)} do not fit a cache of keys {tuple(self.k.shape)}")
+        self.k[:, :, :, :n].copy_(k[:, :, :, :n])
+        self.v[:, :, :, :n].copy_(v[:, :, :, :n])
+        self.length = n
+
     def resized(self, max_len: int) -> "KVCache":
         """A new cache of capacity max_len holding a copy of the valid positions (grow a cache that is full)."""
         if max_len < self.length:
