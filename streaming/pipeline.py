@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -42,11 +42,18 @@ SAMPLE_RATE = 24000
 @dataclass(frozen=True)
 class GenerationOptions:
     max_new_tokens: int = 512
+    # Thinker; greedy = the reference's do_sample=False (argmax after the repetition penalty, when one is set).
+    # streaming.decoding.thinker_sampling builds it from a checkpoint's generation_config.json and a request.
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(greedy=True))
     use_audio_in_video: bool = False
     audio: bool = False                   # speak the answer (needs a checkpoint loaded with audio=True)
     speaker: str | None = None            # a name from spk_dict.pt; None: "Chelsie" when present, else the first
-    talker_sampling: SamplingParams | None = None  # None: the reference's Talker defaults (top-k 40, top-p 0.8, ...)
+    # None: the reference's Talker defaults (sampled: top-k 40, top-p 0.8, temperature 0.9, repetition penalty
+    # 1.05); its greedy is streaming.decoding.talker_sampling(greedy=True) (penalty 1.05 kept, as the reference)
+    talker_sampling: SamplingParams | None = None
+    # the reference's attention-mask Talker prompt (codec pad/bos rows, multimodal positions: transformers 4, and
+    # transformers 5 for padded batches) instead of its single-request one (talker/model.py says more)
+    talker_codec_prompt: bool = False
     max_codec_tokens: int = 4096          # Talker limit (50 codes per second of speech)
     codes_per_push: int = 12              # codes handed to token2wav at a time (12 codes = one 24-frame DiT block)
     token2wav_seed: int = 0               # ODE start noise seed (the noise is a function of the absolute frame)
@@ -56,6 +63,9 @@ class GenerationOptions:
                                           # samples (same results; False runs both on the calling thread)
     reuse_prefix: bool = True             # copy prompt rows an earlier request computed (omni.prefix_cache;
                                           # streaming/prefix.py) instead of prefilling them again
+    # Observer of the raw fp32 logits each token is chosen from: on_logits("thinker" | "talker", logits (1, V)),
+    # called on the generating thread right before each sample (parity checks, debugging); None: no cost.
+    on_logits: "Callable[[str, torch.Tensor], None] | None" = None
 
 
 @dataclass
@@ -82,20 +92,6 @@ class Done:
     timings: dict
     codec_ids: list[int] = field(default_factory=list)
     audio_seconds: float = 0.0
-
-
-def default_sampling(generation: dict) -> SamplingParams:
-    """The checkpoint's generation_config.json defaults, read the way the reference reads them
-    (no do_sample -> greedy)."""
-    if not generation.get("do_sample", False):
-        return SamplingParams(greedy=True)
-    return SamplingParams(
-        greedy=False,
-        temperature=float(generation.get("temperature", 1.0)),
-        top_k=int(generation.get("top_k", 50) or 0),
-        top_p=float(generation.get("top_p", 1.0)),
-        repetition_penalty=float(generation.get("repetition_penalty", 1.0)),
-    )
 
 
 def user_messages(text: str, system: str | None = None, audios=(), images=(), videos=()) -> list[dict]:
@@ -143,7 +139,7 @@ class Speech:
         self.prompt_ids, self.prompt_positions, self.prompt_hidden = prompt_ids, prompt_positions, prompt_hidden
         self.speaker = spk
         params = options.talker_sampling or talker_defaults(options.sampling.seed)
-        self.sampler = Sampler(params, device=omni.device)
+        self.sampler = _observed(Sampler(params, device=omni.device), options.on_logits, "talker")
         t2w = omni.token2wav
         self.driver = Token2WavDriver(t2w.code2wav_dit_model, t2w.code2wav_bigvgan_model)
         dev = t2w.code2wav_dit_model.proj_out.weight.device
@@ -183,9 +179,11 @@ class Speech:
             token, hidden = self.first
             prefixes = getattr(self.omni, "prefix_cache", None) if self.options.reuse_prefix else None
             media = media_ids(self.omni)
+            codec_prompt = self.options.talker_codec_prompt
             self.state = talker_prefill(
                 self.omni.talker, self.omni.thinker.model.embed_tokens, self.prompt_ids, self.prompt_hidden,
-                token, hidden, int(self.speaker["bos_token"]), prompt_position_ids=self.prompt_positions,
+                token, hidden, int(self.speaker["bos_token"]),
+                prompt_position_ids=self.prompt_positions if codec_prompt else None, codec_prompt=codec_prompt,
                 max_new_tokens=self.options.max_codec_tokens,
                 prefix=prefixes.talker_rows(self.prompt_ids, media) if prefixes is not None else None)
             if prefixes is not None:
@@ -259,7 +257,7 @@ class _ReplyThinker:
         device = omni.device
         self.eos = set(omni.config.eos_token_ids)
         self.max_new_tokens = options.max_new_tokens
-        self.sampler = Sampler(options.sampling, device=device)
+        self.sampler = _observed(Sampler(options.sampling, device=device), options.on_logits, "thinker")
         self.n = self.prompt_len = prompt_ids.shape[1]
         self.history = torch.empty(1, self.n + options.max_new_tokens, dtype=torch.long, device=device)  # (1, N)
         self.history[:, :self.n] = prompt_ids
@@ -371,6 +369,17 @@ def decode_reply(omni, options: GenerationOptions, logits: torch.Tensor, prompt_
     yield Done(text=tok.decode(out_ids), token_ids=list(out_ids), finish_reason=thinker.finish,
                prompt_tokens=prompt_ids.shape[1], timings=timings, codec_ids=list(speech.codes) if speech else [],
                audio_seconds=(speech.samples / SAMPLE_RATE) if speech else 0.0)
+
+
+def _observed(sampler: Sampler, on_logits, part: str):
+    """The sampler, or a wrapper that shows `on_logits` the raw logits of every choice first."""
+    if on_logits is None:
+        return sampler
+
+    def sample(logits, *rest):
+        on_logits(part, logits)
+        return sampler(logits, *rest)
+    return sample
 
 
 def _same_grad_mode(fn):

@@ -6,45 +6,44 @@ What is notable here:
   Thinker's width); the sum goes through `thinker_to_talker_proj` into the decoder. The decoder itself is the
   Thinker's `TextDecoder`, reused as-is.
 - The inputs, re-stated from the reference's `Qwen2_5OmniForConditionalGeneration.generate` and its Talker's
-  `forward` (T prompt tokens, reply tokens r_0, r_1, ... = the Thinker's sampled tokens *that it fed back*, so the
-  final EOS and a max-tokens last token are not part of the reply):
+  `forward` (transformers 5.23; T prompt tokens, reply tokens r_0, r_1, ... = the Thinker's sampled tokens *that
+  it fed back*, so the final EOS and a max-tokens last token are not part of the reply):
 
       row          text track (Thinker width)                   codec track       -> logits for
       i < T        h_i + e_i   (e_i = 0 at audio/image/video)   nothing (*)
-      T            E[speaker bos_token]                         C[codec_pad]
-      T + 1        h(r_0) + e(r_0)                              C[codec_bos]      -> code c_0
+      T            E[speaker bos_token]                         nothing (**)
+      T + 1        h(r_0) + e(r_0)                              nothing (**)      -> code c_0
       decode k>=1  reply entry k                                C[c_{k-1}]        -> code c_k
 
-  (*) the reference passes codec `mask` ids for the prompt but embeds only the last two rows' codec ids, so the
-  prompt rows carry the text track alone. E is the Thinker's embedding table (the speaker's `bos_token` from
-  `spk_dict.pt` is a *Thinker* vocabulary id), h the Thinker's final-norm hidden state.
+  (*) the reference passes codec `mask` ids for the prompt but embeds none of them: they only reach the
+  repetition penalty. E is the Thinker's embedding table (the speaker's `bos_token` from `spk_dict.pt` is a
+  *Thinker* vocabulary id), h the Thinker's final-norm hidden state, C the Talker's codec table.
   Reply entry k is h(r_k) + e(r_k) while the Thinker has fed r_k, then E[tts_text_end] once after the reply
   ended, then E[tts_text_pad] for every later step.
+  Positions are plain: 0 .. T+1 for the prompt, T+2+k-1 for decode step k, on all three rotary axes.
+  (**) `codec_prompt=True` instead takes the reference's other path, the one it runs when its Talker receives an
+  attention mask: C[codec_pad] and C[codec_bos] are added to rows T and T+1, and the prompt gets the Thinker's
+  multimodal position ids (the reference recomputes them with the Talker's `get_rope_index` over the same tokens),
+  then text positions after their maximum. transformers 4 (the checkpoints' release) always took that path;
+  transformers 5 drops an all-ones mask in `generate`, so it takes it only for a left-padded batch, and a single
+  request (what `generate` runs for every user of it) gets the rows above. Our default is that single-request
+  path: speech equals the reference's `generate` step for step (tests/test_speech_parity.py).
 - Lock-step streaming. Code c_k needs only reply entry k, i.e. the Thinker having fed r_k (one token ahead of the
   Talker), or the reply having ended. `talker_step` returns None while that entry has not arrived; it never needs
   the whole reply. Feeding the entries one by one while stepping gives exactly the codes of pushing them all first.
-- Positions: the Talker's prompt positions are the Thinker's multimodal position ids of the same prompt (the
-  reference recomputes them with the Talker's own `get_rope_index` over the same tokens, with the same media ids in
-  its config), then two text positions, then one text position per decode step.
 - Sampling as the reference's Talker `generate`: repetition penalty over the codec prompt ids (mask, pad, bos) and
   every code so far, `codec_bos` suppressed, EOS = {codec_pad, codec_end}; generation stops on EOS (not part of
   `codes`) or after `max_new_tokens` sampled tokens (EOS included in that count, as in `generate`). The reference
   sets no min_new_tokens. Its sampling defaults (top-k 40, top-p 0.8, temperature 0.9, repetition penalty 1.05)
-  are `TALKER_SAMPLING_DEFAULTS`; they are generate() arguments there, not config values. (The reference applies
-  the repetition penalty even with talker_do_sample=False; `Sampler(greedy=True)` does not, so a greedy Talker run
-  equals the reference's do_sample=False run only with talker_repetition_penalty=1.0.)
+  are `TALKER_SAMPLING_DEFAULTS`; they are generate() arguments there, not config values. Greedy
+  (talker_do_sample=False) still applies the repetition penalty there, as `default_sampling(greedy=True)` does.
 - One sequence per state (batch 1); the KV cache is the Thinker's static, position-indexed `KVCache`.
 - Use in lock-step behind the Thinker:
-      state = talker_prefill(talker, thinker.model.embed_tokens, prompt_ids, prompt_hidden, r0, h(r0), spk_bos,
-                             prompt_position_ids=thinker_prompt_positions)
+      state = talker_prefill(talker, thinker.model.embed_tokens, prompt_ids, prompt_hidden, r0, h(r0), spk_bos)
       each time the Thinker feeds a reply token r (decode_step(r) -> hidden): talker_push_reply(state, r, hidden)
       when the Thinker samples EOS or hits its limit (that last token is never fed): talker_end_reply(state)
       between those, `while (code := talker_step(talker, state, sampler)) is not None: emit(code)`;
       stop when state.finished.
-- Reference quirk: transformers 5's `generate` drops an all-ones attention mask, and the reference Talker adds the
-  codec pad/bos rows and builds multimodal positions only when it gets a mask; so a stock transformers-5 batch-1 run
-  feeds the prompt without those codec rows and with plain 0..T+1 positions. We follow the mask path, the one
-  transformers 4 (the checkpoints' release) always took and transformers 5 takes for padded batches.
 """
 
 from __future__ import annotations
@@ -64,9 +63,16 @@ TALKER_SAMPLING_DEFAULTS = dict(top_k=40, top_p=0.8, temperature=0.9, repetition
 TALKER_MAX_NEW_TOKENS = 4096
 
 
-def default_sampling(seed: int | None = None) -> SamplingParams:
-    """The reference's Talker sampling (talker_do_sample=True with its generate() defaults)."""
-    return SamplingParams(greedy=False, seed=seed, **TALKER_SAMPLING_DEFAULTS)
+def default_sampling(seed: int | None = None, greedy: bool = False,
+                     repetition_penalty: float | None = None) -> SamplingParams:
+    """The reference's Talker sampling: its generate() defaults with talker_do_sample=True, or with greedy the
+    argmax after its processors (talker_do_sample=False: the repetition penalty still applies)."""
+    d = dict(TALKER_SAMPLING_DEFAULTS)
+    if repetition_penalty is not None:
+        d["repetition_penalty"] = repetition_penalty
+    if greedy:
+        return SamplingParams(greedy=True, seed=seed, repetition_penalty=d["repetition_penalty"])
+    return SamplingParams(greedy=False, seed=seed, **d)
 
 
 _TALKER_ROPE_THETA = 1000000.0  # the reference Talker config's default_theta, used when the config has none
@@ -176,8 +182,9 @@ class TalkerState:
 def talker_positions(prompt_position_ids: Tensor | None, prompt_len: int, device=None) -> tuple[Tensor, int]:
     """Position ids (3, 1, T + 2) of the Talker prompt and the text position of its first decode row.
 
-    prompt_position_ids (3, 1, T) are the Thinker's multimodal ids of the same prompt (None: plain text).
-    The speaker-bos row and the first reply row continue as text after the prompt's largest id.
+    None: plain positions 0 .. T+1 (the reference's single-request path). Else prompt_position_ids (3, 1, T) are the
+    Thinker's multimodal ids of the same prompt (the `codec_prompt` path): the speaker-bos row and the first reply
+    row continue as text after the prompt's largest id.
     """
     if prompt_position_ids is None:
         pos = text_positions(0, prompt_len + 2, device=device)  # (3, 1, T + 2)
@@ -206,13 +213,17 @@ def _check_id(token_id: int, vocab: int, what: str) -> int:
 def talker_prefill(talker: Talker, thinker_embed_tokens: nn.Embedding, prompt_ids: Tensor, prompt_hidden: Tensor,
                    first_reply_id: int, first_reply_hidden: Tensor, speaker_bos: int,
                    prompt_position_ids: Tensor | None = None, max_new_tokens: int = TALKER_MAX_NEW_TOKENS,
-                   cache: KVCache | None = None, prefix: KVCache | None = None) -> TalkerState:
+                   cache: KVCache | None = None, prefix: KVCache | None = None,
+                   codec_prompt: bool = False) -> TalkerState:
     """Run the Talker prompt (T + 2 rows); the returned state holds the logits of the first code.
 
     prompt_ids (1, T): the Thinker's input ids; prompt_hidden (1, T, Ht): its final-norm hidden states;
     first_reply_id / first_reply_hidden (Ht,): the first reply token and the Thinker's hidden state when it fed that
     token; speaker_bos: the speaker's `bos_token` from spk_dict.pt (a Thinker vocabulary id);
-    prompt_position_ids (3, 1, T): the Thinker's position ids of the prompt (None for a text-only prompt);
+    codec_prompt: the reference's attention-mask path (module docstring): codec pad/bos on the last two rows and
+    the Thinker's multimodal positions prompt_position_ids (3, 1, T) (None there: a text-only prompt). Without
+    it (the default, the reference's single-request `generate`) the positions are plain and prompt_position_ids
+    must be None;
     cache: a preallocated Talker cache to reuse (it is reset), else one of T + 2 + max_new_tokens is allocated.
     prefix: the keys/values of the first `prefix.length` <= T prompt rows from an earlier run over the same prompt
     ids (`streaming.prefix.PrefixCache`); those rows are copied, not recomputed.
@@ -230,6 +241,9 @@ def talker_prefill(talker: Talker, thinker_embed_tokens: nn.Embedding, prompt_id
         raise ValueError(f"prompt_hidden must be (1, {t}, {width}), got {tuple(prompt_hidden.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prompt_position_ids is not None and not codec_prompt:
+        raise ValueError("prompt_position_ids are only used with codec_prompt=True (the reference's single-request "
+                         "path uses plain positions)")
     speaker_bos = _check_id(speaker_bos, vocab, "speaker bos_token")
     first_reply_id = _check_id(first_reply_id, vocab, "first reply token")
     first_row = _as_row(first_reply_hidden, width, "first_reply_hidden")
@@ -241,11 +255,13 @@ def talker_prefill(talker: Talker, thinker_embed_tokens: nn.Embedding, prompt_id
     for m in cfg.media_ids:
         media |= ids == m
     emb = thinker_embed_tokens(ids).masked_fill(media[..., None], 0.0)  # (1, T, Ht) placeholders zeroed
-    codec = talker.model.embed_tokens(torch.tensor([cfg.codec_pad, cfg.codec_bos], device=dev))  # (2, Ht)
     text_ids = torch.tensor([speaker_bos, first_reply_id, cfg.text_eos, cfg.text_pad], device=dev)
     text = thinker_embed_tokens(text_ids)  # (4, Ht)
-    spk_row = text[0] + codec[0]  # (Ht,)
-    first = (first_row.to(text.dtype) + text[1]) + codec[1]  # (Ht,)
+    spk_row = text[0]  # (Ht,)
+    first = first_row.to(text.dtype) + text[1]  # (Ht,)
+    if codec_prompt:
+        codec = talker.model.embed_tokens(torch.tensor([cfg.codec_pad, cfg.codec_bos], device=dev))  # (2, Ht)
+        spk_row, first = spk_row + codec[0], first + codec[1]  # (Ht,) each
     rows = torch.cat([prompt_hidden.to(emb.dtype) + emb, spk_row[None, None], first[None, None]], dim=1)  # (1, T+2, Ht)
 
     positions, next_pos = talker_positions(prompt_position_ids, t, device=dev)  # (3, 1, T + 2)
@@ -342,7 +358,7 @@ def talker_step(talker: Talker, state: TalkerState, sampler) -> int | None:
 def talker_generate(talker: Talker, thinker_embed_tokens: nn.Embedding, prompt_ids: Tensor, prompt_hidden: Tensor,
                     reply_ids: list[int], reply_hidden: Tensor, speaker_bos: int, sampler,
                     prompt_position_ids: Tensor | None = None,
-                    max_new_tokens: int = TALKER_MAX_NEW_TOKENS) -> TalkerState:
+                    max_new_tokens: int = TALKER_MAX_NEW_TOKENS, codec_prompt: bool = False) -> TalkerState:
     """Codes for a whole Thinker reply at once (what the reference does), through the step API.
 
     reply_ids: the reply tokens the Thinker fed back (its sampled tokens without the final EOS / last token);
@@ -352,7 +368,8 @@ def talker_generate(talker: Talker, thinker_embed_tokens: nn.Embedding, prompt_i
         raise ValueError(f"need at least one reply token and one hidden state per token, got {len(reply_ids)} ids "
                          f"and hidden of shape {tuple(reply_hidden.shape)}")
     state = talker_prefill(talker, thinker_embed_tokens, prompt_ids, prompt_hidden, reply_ids[0], reply_hidden[0],
-                           speaker_bos, prompt_position_ids=prompt_position_ids, max_new_tokens=max_new_tokens)
+                           speaker_bos, prompt_position_ids=prompt_position_ids, max_new_tokens=max_new_tokens,
+                           codec_prompt=codec_prompt)
     for tok, h in zip(reply_ids[1:], reply_hidden[1:]):
         talker_push_reply(state, tok, h)
     talker_end_reply(state)

@@ -12,15 +12,22 @@ def random_logits(batch=3, vocab=50, seed=0):
     return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-def test_greedy_is_argmax_after_suppression():
+def test_greedy_is_argmax_after_the_processors_and_ignores_the_warpers():
+    """generate(do_sample=False): suppression and the repetition penalty apply, temperature/top-k/top-p do not."""
+    from transformers.generation.logits_process import SuppressTokensLogitsProcessor
+
     logits = random_logits()
+    history = logits.argmax(-1, keepdim=True)  # the penalty changes the winner
     sampler = Sampler(SamplingParams(greedy=True, temperature=0.3, top_k=2, repetition_penalty=5.0))
-    history = logits.argmax(-1, keepdim=True)  # the penalty would change the winner if greedy applied it
-    assert torch.equal(sampler(logits, history=history), logits.argmax(-1))
+    want = RepetitionPenaltyLogitsProcessor(5.0)(history, logits.clone()).argmax(-1)
+    assert torch.equal(sampler(logits, history=history), want)
+    assert not torch.equal(want, logits.argmax(-1))
+    plain = Sampler(SamplingParams(greedy=True, temperature=0.3, top_k=2))  # penalty 1.0: off
+    assert torch.equal(plain(logits, history=history), logits.argmax(-1))
     top = logits.argmax(-1)
-    masked = logits.clone()
-    masked[torch.arange(3), top] = float("-inf")
-    assert torch.equal(sampler(logits, suppress_ids=top.tolist()), masked.argmax(-1))
+    suppress = SuppressTokensLogitsProcessor(top.tolist())
+    assert torch.equal(sampler(logits, history=history, suppress_ids=top.tolist()),
+                       RepetitionPenaltyLogitsProcessor(5.0)(history, suppress(history, logits.clone())).argmax(-1))
 
 
 def test_seeded_runs_are_reproducible_and_seeds_differ():

@@ -53,8 +53,7 @@ def sequential_codes(omni, text, max_new, max_codes):
             hidden.append(h[0])
         spk = omni.speakers["Chelsie"]
         state = talker_generate(omni.talker, omni.thinker.model.embed_tokens, prompt.input_ids, prompt_hidden, reply,
-                                torch.stack(hidden), int(spk["bos_token"]), Sampler(GREEDY),
-                                prompt_position_ids=prompt.position_ids, max_new_tokens=max_codes)
+                                torch.stack(hidden), int(spk["bos_token"]), Sampler(GREEDY), max_new_tokens=max_codes)
     return state.codes
 
 

@@ -2,7 +2,9 @@
 lock-step streaming == all-at-once, speaker / EOS / length behaviour, bad input.
 
 The oracle (`reference_talker`) copies the reference's input construction from its `generate` and calls
-`ref.talker.generate` greedily. A speaker's bos_token is a Thinker-vocabulary id (the reference embeds it with the
+`ref.talker.generate` greedily, on both of the reference's paths: its single-request one (our default) and, with
+`codec_prompt`, the attention-mask one (codec pad/bos rows, multimodal positions). The whole pipeline against the
+reference's own `generate` is tests/test_speech_parity.py. A speaker's bos_token is a Thinker-vocabulary id (the reference embeds it with the
 Thinker's table; the official ones are 151870/151872); these tests pick their own in-vocabulary ids.
 """
 
@@ -17,7 +19,7 @@ from torch import nn
 
 from omnivox.talker.model import (Talker, TalkerConfig, default_sampling, talker_end_reply, talker_generate,
                                   talker_positions, talker_prefill, talker_push_reply, talker_step)
-from omnivox.thinker.sampling import Sampler, SamplingParams, apply_repetition_penalty
+from omnivox.thinker.sampling import Sampler, SamplingParams
 
 PROMPT = "<|im_start|>user\nHello, world! How are you?<|im_end|>\n<|im_start|>assistant\n"
 THINKER_NEW = 8
@@ -42,15 +44,7 @@ def load_ours(path):
 
 def greedy(penalty):
     """Greedy choice with the repetition penalty, as HF generate(do_sample=False, repetition_penalty=p) does."""
-    base = Sampler(SamplingParams(greedy=True))
-
-    def pick(logits, history, suppress_ids):
-        scores = base.process(logits, None, suppress_ids)
-        if penalty != 1.0:
-            scores = apply_repetition_penalty(scores, history, penalty)
-        return scores.argmax(-1)
-
-    return pick
+    return Sampler(SamplingParams(greedy=True, repetition_penalty=penalty))
 
 
 def prompt_ids(path, with_audio=0, with_image=0):
@@ -84,12 +78,13 @@ def run_thinker(ref, input_ids, audio_frames=0, image_grid=None):
                                     return_dict_in_generate=True, **kw), kw
 
 
-def reference_talker(ref, talker, input_ids, result, thinker_kw, speaker_bos, max_new_tokens, penalty, stock=False):
+def reference_talker(ref, talker, input_ids, result, thinker_kw, speaker_bos, max_new_tokens, penalty,
+                     codec_prompt=False):
     """The reference generate()'s Talker input construction (batch 1), then ref.talker.generate greedily.
 
     transformers 5 `generate` drops an all-ones attention mask before the first forward, and the reference Talker
     builds its prompt (codec pad/bos embeddings on the last two rows, multimodal positions via get_rope_index) only
-    when it receives a mask. So unless `stock`, the Talker gets the all-ones mask back on every forward: the path
+    when it receives a mask. With `codec_prompt` the Talker gets the all-ones mask back on every forward: the path
     transformers 4 (which the checkpoints were released with) always took, and 5.x takes for a padded batch.
     """
     embeds_to_talker = result.hidden_states[0][0].clone()
@@ -117,7 +112,7 @@ def reference_talker(ref, talker, input_ids, result, thinker_kw, speaker_bos, ma
         extra["audio_feature_lengths"] = thinker_kw["feature_attention_mask"].sum(1)
     if "image_grid_thw" in thinker_kw:
         extra["image_grid_thw"] = thinker_kw["image_grid_thw"]
-    if not stock:
+    if codec_prompt:
         forward = talker.forward
 
         @functools.wraps(forward)
@@ -138,7 +133,7 @@ def reference_talker(ref, talker, input_ids, result, thinker_kw, speaker_bos, ma
                 eos_token_id=[8292, 8294], pad_token_id=talker.codec_pad_token, repetition_penalty=penalty,
                 output_logits=True, return_dict_in_generate=True, **extra)
     finally:
-        if not stock:
+        if codec_prompt:
             del talker.forward
     return out.sequences[0, codec_ids.shape[1]:].tolist(), [x.float() for x in out.logits]
 
@@ -183,10 +178,10 @@ def test_config_reads_every_id_from_talker_config(setup):
     assert changed.eos_ids == (8292, 8300) and changed.text_pad == 7
 
 
-def _ours(talker, emb, input_ids, result, speaker_bos, max_new_tokens, sampler, positions=None):
+def _ours(talker, emb, input_ids, result, speaker_bos, max_new_tokens, sampler, positions=None, codec_prompt=False):
     prompt_hidden, reply_ids, reply_hidden = reply_of(result, input_ids)
     state = talker_prefill(talker, emb, input_ids, prompt_hidden, reply_ids[0], reply_hidden[0], speaker_bos,
-                           prompt_position_ids=positions, max_new_tokens=max_new_tokens)
+                           prompt_position_ids=positions, max_new_tokens=max_new_tokens, codec_prompt=codec_prompt)
     for tok, h in zip(reply_ids[1:], reply_hidden[1:]):
         talker_push_reply(state, tok, h)
     talker_end_reply(state)
@@ -197,34 +192,52 @@ def _ours(talker, emb, input_ids, result, speaker_bos, max_new_tokens, sampler, 
     return state, logits
 
 
+@pytest.mark.parametrize("codec_prompt", [False, True])
 @pytest.mark.parametrize("penalty", [1.0, 1.05])
-def test_greedy_codes_and_logits_match_reference(setup, penalty):
+def test_greedy_codes_and_logits_match_reference(setup, penalty, codec_prompt):
     path, ref, talker, emb, input_ids, result, kw = setup
     n = 24  # runs well past the reply (8 Thinker tokens) into the tts_text_eos / pad entries
-    ref_codes, ref_logits = reference_talker(ref, ref.talker, input_ids, result, kw, SPK_A, n, penalty)
-    sampler = Sampler(SamplingParams(greedy=True)) if penalty == 1.0 else greedy(penalty)
-    state, logits = _ours(talker, emb, input_ids, result, SPK_A, n, sampler)
+    ref_codes, ref_logits = reference_talker(ref, ref.talker, input_ids, result, kw, SPK_A, n, penalty,
+                                             codec_prompt=codec_prompt)
+    state, logits = _ours(talker, emb, input_ids, result, SPK_A, n, greedy(penalty), codec_prompt=codec_prompt)
     assert len(logits) == len(ref_logits) == n
     diff = max((a - b).abs().max().item() for a, b in zip(logits, ref_logits))
     assert diff <= 1e-4, diff
     assert state.codes == ref_codes and state.finish_reason == "length"
-    # stock transformers 5 generate (batch 1, no padding) skips the codec pad/bos prompt rows: a different start
-    _, stock_logits = reference_talker(ref, ref.talker, input_ids, result, kw, SPK_A, 1, penalty, stock=True)
-    assert (stock_logits[0] - ref_logits[0]).abs().max() > 1e-3
+    # the reference's two paths really differ (so each comparison above tells them apart)
+    _, other = reference_talker(ref, ref.talker, input_ids, result, kw, SPK_A, 1, penalty,
+                                codec_prompt=not codec_prompt)
+    assert (other[0] - ref_logits[0]).abs().max() > 1e-3
 
 
-def test_prompt_with_audio_and_image_matches_reference(tiny_checkpoint):
-    """Media placeholders zeroed on the text track, multimodal prompt positions then text positions."""
+def test_greedy_applies_the_repetition_penalty_like_the_reference(setup):
+    """The reference's talker_do_sample=False keeps its repetition penalty (1.05): greedy codes differ from the
+    penalty-free run, and ours follow the reference in both."""
+    path, ref, talker, emb, input_ids, result, kw = setup
+    on, _ = reference_talker(ref, ref.talker, input_ids, result, kw, SPK_A, 40, 1.05)
+    off, _ = reference_talker(ref, ref.talker, input_ids, result, kw, SPK_A, 40, 1.0)
+    assert on != off
+    assert _ours(talker, emb, input_ids, result, SPK_A, 40, Sampler(default_sampling(greedy=True)))[0].codes == on
+    assert _ours(talker, emb, input_ids, result, SPK_A, 40,
+                 Sampler(default_sampling(greedy=True, repetition_penalty=1.0)))[0].codes == off
+
+
+@pytest.mark.parametrize("codec_prompt", [False, True])
+def test_prompt_with_audio_and_image_matches_reference(tiny_checkpoint, codec_prompt):
+    """Media placeholders zeroed on the text track; plain positions (single-request path), or multimodal prompt
+    positions then text positions (codec_prompt)."""
     path, ref = tiny_checkpoint("gqa4_tied")  # (mha_wide's random Thinker answers <|vision_bos|> first)
     talker, emb = load_ours(path)
     grid = torch.tensor([[1, 4, 6]])  # 6 merged image tokens
     input_ids = prompt_ids(path, with_audio=25, with_image=6)  # 100 mel frames -> 25 audio tokens
     result, kw = run_thinker(ref, input_ids, audio_frames=100, image_grid=grid)
-    ref_codes, ref_logits = reference_talker(ref, ref.talker, input_ids, result, kw, SPK_B, 16, 1.05)
+    ref_codes, ref_logits = reference_talker(ref, ref.talker, input_ids, result, kw, SPK_B, 16, 1.05,
+                                             codec_prompt=codec_prompt)
     positions, _ = ref.thinker.get_rope_index(input_ids, grid, None, torch.ones_like(input_ids), False,
                                               kw["feature_attention_mask"].sum(1))
     assert int(positions.max()) + 1 < input_ids.shape[1]  # the image really compresses the positions
-    state, logits = _ours(talker, emb, input_ids, result, SPK_B, 16, greedy(1.05), positions=positions)
+    state, logits = _ours(talker, emb, input_ids, result, SPK_B, 16, greedy(1.05),
+                          positions=positions if codec_prompt else None, codec_prompt=codec_prompt)
     diff = max((a - b).abs().max().item() for a, b in zip(logits, ref_logits))
     assert diff <= 1e-4, diff
     assert state.codes == ref_codes
@@ -327,6 +340,10 @@ def test_bad_input_is_a_clear_error(setup):
                        emb.weight.shape[0] + 2148)  # e.g. a codec id mistaken for the Thinker-vocabulary bos
     with pytest.raises(ValueError, match="prompt_hidden"):
         talker_prefill(talker, emb, input_ids, prompt_hidden[:, 1:], reply_ids[0], reply_hidden[0], SPK_A)
+    plain, _ = talker_positions(None, input_ids.shape[1])
+    with pytest.raises(ValueError, match="codec_prompt"):
+        talker_prefill(talker, emb, input_ids, prompt_hidden, reply_ids[0], reply_hidden[0], SPK_A,
+                       prompt_position_ids=plain[:, :, :-2])
     state = talker_prefill(talker, emb, input_ids, prompt_hidden, reply_ids[0], reply_hidden[0], SPK_A,
                            max_new_tokens=4)
     with pytest.raises(ValueError, match="hidden"):

@@ -2,7 +2,9 @@
 
 Order (as `generate` applies them): suppressed ids -> -inf, repetition penalty, temperature, top-k, top-p, then a
 multinomial draw from a generator the Sampler owns (seeded once, so a seeded run is reproducible).
-`greedy=True` is a plain argmax after suppression and nothing else. All work is done in fp32 on the logits'
+`greedy=True` is what `generate(do_sample=False)` does: the argmax after the logits *processors* (suppressed ids
+and the repetition penalty, which Hugging Face applies in greedy mode too); the *warpers* (temperature, top-k,
+top-p) only shape a random draw, so greedy ignores them. `repetition_penalty=1.0` turns the penalty off. All work is done in fp32 on the logits'
 device; no host sync happens except the draw itself when the caller reads the ids.
 """
 
@@ -85,13 +87,13 @@ class Sampler:
             ids = torch.as_tensor(suppress_ids, dtype=torch.long, device=scores.device).reshape(-1)
             if ids.numel():
                 scores = scores.index_fill(1, ids, float("-inf"))
-        if p.greedy:
-            return scores
         if history is not None and history.numel() and p.repetition_penalty != 1.0:
             if history.dim() != 2 or history.shape[0] != scores.shape[0]:
                 raise ValueError(f"history must be (B, N) with B={scores.shape[0]}, got {tuple(history.shape)}")
             scores = apply_repetition_penalty(scores, history.to(device=scores.device, dtype=torch.long),
                                               p.repetition_penalty)
+        if p.greedy:
+            return scores
         if p.temperature != 1.0:
             scores = scores / p.temperature
         if p.top_k > 0:
