@@ -77,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=positive_int, default=512, help="text tokens per answer")
     p.add_argument("--max-codec-tokens", type=positive_int, default=4096,
                    help="Talker limit per answer (50 codec tokens per second of speech)")
-    p.add_argument("--greedy", action="store_true", help="argmax decoding everywhere (deterministic)")
+    p.add_argument("--greedy", action="store_true",
+                   help="argmax decoding in both models, as the reference's do_sample=False (penalties kept)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed; each question is seeded alike")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -232,15 +233,15 @@ class Batch:
     """The loaded model and the options shared by every question."""
 
     def __init__(self, omni, args):
-        from omnivox.streaming.pipeline import SPEECH_SYSTEM_PROMPT, GenerationOptions, default_sampling
-        from omnivox.thinker.sampling import SamplingParams
+        from omnivox.streaming.decoding import talker_sampling, thinker_sampling
+        from omnivox.streaming.pipeline import SPEECH_SYSTEM_PROMPT, GenerationOptions
 
         self.omni, self.args = omni, args
         self.speech = not args.no_audio
-        if args.greedy:
-            sampling, talker = SamplingParams(greedy=True, seed=args.seed), SamplingParams(greedy=True)
-        else:   # the checkpoint's generation_config; the Talker uses the reference's defaults with the same seed
-            sampling, talker = dataclasses.replace(default_sampling(omni.config.generation), seed=args.seed), None
+        # greedy: the reference's do_sample=False in both models; else the checkpoint's generation_config and the
+        # Talker's reference defaults, with the same seed
+        sampling = thinker_sampling(omni.config.generation, greedy=args.greedy, seed=args.seed)
+        talker = talker_sampling(greedy=args.greedy, seed=args.seed)
         self.options = GenerationOptions(max_new_tokens=args.max_new_tokens, sampling=sampling, audio=self.speech,
                                          speaker=args.speaker, talker_sampling=talker,
                                          max_codec_tokens=args.max_codec_tokens)

@@ -17,7 +17,7 @@ What is notable:
 Input: message content is a string or parts: `text`, `input_audio` {data: base64, format: "wav" | "mp3" |
 "pcm16" (raw little-endian 24 kHz mono, as the Realtime API)}, decoded and resampled to the encoder's 16 kHz;
 `image_url` {url: "data:image/png|jpeg;base64,..."} (http(s) URLs are not fetched). Sampling: `temperature` 0 =
-greedy; `temperature`/`top_p` start from the checkpoint's generation_config; none given = its defaults; `seed`
+greedy in the Thinker and the Talker (the reference's do_sample=False: repetition penalties kept); `temperature`/`top_p` start from the checkpoint's generation_config; none given = its defaults; `seed`
 seeds the Thinker and the Talker; `max_audio_tokens` (non-standard, extra_body) caps the speech in codec
 tokens (50 per second; default: see MAX_AUDIO_TOKENS).
 """
@@ -32,11 +32,12 @@ import json
 import re
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
-from omnivox.streaming.pipeline import SPEECH_SYSTEM_PROMPT, GenerationOptions, default_sampling
+from omnivox.streaming.decoding import talker_sampling, thinker_sampling
+from omnivox.streaming.pipeline import SPEECH_SYSTEM_PROMPT, GenerationOptions
 from omnivox.thinker.sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 1024
@@ -290,19 +291,16 @@ def _int(body: dict, key: str, lo: int) -> int | None:
     return v
 
 
-def _sampling(body: dict, generation: dict) -> SamplingParams:
+def _sampling(body: dict, generation: dict) -> tuple[SamplingParams, SamplingParams]:
+    """(Thinker, Talker) sampling; temperature 0 is greedy in both, as the reference's do_sample=False (the
+    repetition penalties stay: streaming/decoding.py)."""
     temperature = _number(body, "temperature", 0.0, 2.0)
     top_p = _number(body, "top_p", 0.0, 1.0, lo_open=True)
     seed = _int(body, "seed", 0)
-    if temperature == 0:
-        return SamplingParams(greedy=True, seed=seed)
-    base = default_sampling(generation)
-    if temperature is None and top_p is None:
-        return replace(base, seed=seed)
-    if base.greedy:  # the checkpoint decodes greedily: sampling asked for starts from neutral values
-        base = SamplingParams(greedy=False)
-    return replace(base, greedy=False, temperature=temperature if temperature is not None else base.temperature,
-                   top_p=top_p if top_p is not None else base.top_p, seed=seed)
+    greedy = temperature == 0
+    thinker = thinker_sampling(generation, greedy=greedy, temperature=None if greedy else temperature,
+                               top_p=None if greedy else top_p, seed=seed)
+    return thinker, talker_sampling(greedy=greedy, seed=seed)
 
 
 def _voice(omni, voice) -> str:
@@ -373,7 +371,8 @@ def parse_request(body, omni, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> C
     max_audio = _int(body, "max_audio_tokens", 1)
     if max_audio is None:
         max_audio = min(MAX_AUDIO_TOKENS, AUDIO_TOKENS_PER_TEXT_TOKEN * max_tokens + AUDIO_TOKENS_SLACK)
-    options = GenerationOptions(max_new_tokens=max_tokens, sampling=_sampling(body, omni.config.generation),
+    thinker, talker = _sampling(body, omni.config.generation)
+    options = GenerationOptions(max_new_tokens=max_tokens, sampling=thinker, talker_sampling=talker,
                                 audio=audio_out, speaker=voice, max_codec_tokens=min(max_audio, MAX_AUDIO_TOKENS))
     messages = convert_messages(body.get("messages"), audio_out)
     return ChatRequest(messages, options, stream, include_usage, audio_format, voice)

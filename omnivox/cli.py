@@ -41,11 +41,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="also listen to the videos' audio tracks (interleaved with the frames)")
     ask.add_argument("--max-new-tokens", type=positive_int, default=512)
     mode = ask.add_mutually_exclusive_group()
-    mode.add_argument("--greedy", action="store_true", help="argmax decoding everywhere (deterministic)")
-    mode.add_argument("--temperature", type=float, default=None)
-    ask.add_argument("--top-p", type=float, default=None)
-    ask.add_argument("--top-k", type=int, default=None)
-    ask.add_argument("--repetition-penalty", type=float, default=None)
+    mode.add_argument("--greedy", action="store_true",
+                      help="argmax decoding in the Thinker and the Talker, as the reference's do_sample=False: the "
+                           "repetition penalty still applies (the checkpoint's for the Thinker, 1.05 for the Talker)")
+    mode.add_argument("--temperature", type=float, default=None, help="Thinker sampling temperature")
+    ask.add_argument("--top-p", type=float, default=None, help="Thinker nucleus sampling")
+    ask.add_argument("--top-k", type=int, default=None, help="Thinker top-k sampling")
+    ask.add_argument("--repetition-penalty", type=float, default=None,
+                     help="repetition penalty of the Thinker and the Talker, greedy or sampled (1.0: none)")
     ask.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible runs)")
     ask.add_argument("--no-audio", action="store_true", help="text only: skip the Talker and token2wav weights")
     ask.add_argument("--out", default=None, metavar="WAV",
@@ -53,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--speaker", default=None, help="voice from the checkpoint's spk_dict.pt (default Chelsie)")
     ask.add_argument("--max-codec-tokens", type=positive_int, default=4096,
                      help="Talker limit (50 codec tokens per second of speech)")
+    ask.add_argument("--talker-codec-prompt", action="store_true",
+                     help="the reference's other Talker prompt (codec pad/bos rows, multimodal positions), as "
+                          "transformers 4 ran it; default: transformers 5's single-request generate (see README)")
     ask.add_argument("--fast-start", action="store_true",
                      help="approximate: solve the first speech chunk with 4 ODE time points instead of 10, so "
                           "the first audio comes sooner (later chunks stay exact; see README)")
@@ -84,31 +90,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     bench = sub.add_parser("bench", help="benchmarks: ours vs the reference implementation, side by side")
-    bench.add_argument("what", choices=["thinker", "encoders", "speech"], help="which benchmark")
+    bench.add_argument("what", choices=["thinker", "encoders", "speech", "parity"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark (see --help)")
     return p
 
 
 def _sampling(args, generation: dict):
-    from omnivox.streaming.pipeline import default_sampling
-    from omnivox.thinker.sampling import SamplingParams
+    """(Thinker, Talker) SamplingParams for `ask` (streaming.decoding says what the flags mean)."""
+    from omnivox.streaming.decoding import talker_sampling, thinker_sampling
 
-    if args.greedy:
-        return SamplingParams(greedy=True, seed=args.seed)
-    base = default_sampling(generation)
-    explicit = any(v is not None for v in (args.temperature, args.top_p, args.top_k, args.repetition_penalty))
-    if base.greedy and not explicit:
-        return SamplingParams(greedy=True, seed=args.seed)
-    neutral = base.greedy  # the checkpoint says greedy but the user asked for sampling: start from neutral values
-    return SamplingParams(
-        greedy=False,
-        temperature=args.temperature if args.temperature is not None else (1.0 if neutral else base.temperature),
-        top_k=args.top_k if args.top_k is not None else (0 if neutral else base.top_k),
-        top_p=args.top_p if args.top_p is not None else (1.0 if neutral else base.top_p),
-        repetition_penalty=args.repetition_penalty if args.repetition_penalty is not None
-        else (1.0 if neutral else base.repetition_penalty),
-        seed=args.seed,
-    )
+    thinker = thinker_sampling(generation, greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
+                               top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    return thinker, talker_sampling(greedy=args.greedy, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
 def resolve_device(name: str) -> str:
@@ -142,9 +135,6 @@ def cmd_ask(args) -> int:
     from omnivox.model import load
     from omnivox.streaming.pipeline import (SPEECH_SYSTEM_PROMPT, AudioChunk, Done, GenerationOptions, TextDelta,
                                             generate, resolve_speaker, user_messages)
-    from omnivox.talker.model import default_sampling as talker_defaults
-    from omnivox.thinker.sampling import SamplingParams
-
     for kind, paths in (("audio", args.audio), ("image", args.image), ("video", args.video)):
         for path in paths:
             if not os.path.isfile(path):
@@ -161,11 +151,11 @@ def cmd_ask(args) -> int:
     omni = load(args.model, device=resolve_device(args.device), dtype=args.dtype, audio=speech)
     if speech:
         resolve_speaker(omni, args.speaker)
-    sampling = _sampling(args, omni.config.generation)
-    talker_sampling = SamplingParams(greedy=True) if args.greedy else talker_defaults(args.seed)
+    sampling, talker_sampling = _sampling(args, omni.config.generation)
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, sampling=sampling,
                                 use_audio_in_video=args.use_audio_in_video, audio=speech, speaker=args.speaker,
                                 talker_sampling=talker_sampling, max_codec_tokens=args.max_codec_tokens,
+                                talker_codec_prompt=args.talker_codec_prompt,
                                 token2wav=_stream_options(args))
     system = args.system if args.system is not None else (SPEECH_SYSTEM_PROMPT if speech else None)
     messages = user_messages(args.text, system, audios=args.audio, images=args.image, videos=args.video)

@@ -40,8 +40,9 @@ from omnivox.realtime_events import (BETA_NAMES, GA_NAMES, MAX_EVENT_BYTES, MIN_
                                      parse_response_params, parse_session_update, pcm16_to_float, response_object,
                                      response_status, session_object, usage_object)
 from omnivox.streaming.conversation import Conversation
+from omnivox.streaming.decoding import checkpoint_sampling
 from omnivox.streaming.pipeline import (SAMPLE_RATE, SPEECH_SYSTEM_PROMPT, AudioChunk, Done, GenerationOptions,
-                                        TextDelta, default_sampling)
+                                        TextDelta)
 from omnivox.streaming.vad import SpeechStarted, SpeechStopped, TurnDetector, VadConfig, item_start_ms
 
 
@@ -100,7 +101,7 @@ class RealtimeSession:
         self.settings = SessionSettings(output_modalities=["audio"] if self.can_speak else ["text"],
                                         instructions="", voice=default_voice,
                                         turn_detection=default_turn_detection())
-        self.sampling = default_sampling(self.omni.config.generation)
+        self.sampling = checkpoint_sampling(self.omni.config.generation)
         self.conv = Conversation(self.omni, None)
         self.items: dict[str, dict] = {}        # item id -> its server-side description (in conversation order)
         self.out: asyncio.Queue = asyncio.Queue(maxsize=limits.outgoing_queue)
