@@ -44,27 +44,11 @@ def _strip(tensors, prefix):
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def _strengthen(module, seed, gain=1.0):
-    """Re-draw every weight with fan-in scaling (seeded) so that every part of the model matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith(".alpha") or name.endswith(".beta"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif "codec_embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * gain / p[0].numel() ** 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return module
-
-
 @pytest.fixture(scope="module")
 def strong(ckpt):
     """(our DiT, reference DiT, our BigVGAN, reference BigVGAN) sharing strong weights."""
-    dit = _strengthen(copy.deepcopy(ckpt["dit"]), seed=11)
-    voc = _strengthen(copy.deepcopy(ckpt["voc"]), seed=12, gain=0.6)
+    dit = tiny.strengthen(copy.deepcopy(ckpt["dit"]), seed=11)
+    voc = tiny.strengthen(copy.deepcopy(ckpt["voc"]), seed=12, gain=0.6)
     ref_dit = copy.deepcopy(ckpt["ref"].token2wav.code2wav_dit_model)
     ref_voc = copy.deepcopy(ckpt["ref"].token2wav.code2wav_bigvgan_model)
     ref_dit.load_state_dict(dit.state_dict(), strict=True)

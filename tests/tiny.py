@@ -87,6 +87,7 @@ class Variant:
     talker_heads: int = 2
     talker_kv: int = 1
     talker_head_dim: int = 16
+    talker_rope_theta: float = 1000000.0
     dit_hidden: int = 32
     dit_layers: int = 4
     bigvgan_channels: int = 128  # halved per upsample (6x): 128 leaves 2 channels at the end
@@ -95,6 +96,10 @@ class Variant:
     shard: bool = False           # write model-0000x-of-0000y.safetensors + index
     v4_config: bool = False       # rewrite config.json the way the official (transformers 4) files look
     enable_audio_output: bool = True
+    strong_token2wav: bool = False  # re-draw DiT/BigVGAN weights fan-in scaled (`strengthen`): the reference init
+                                    # (std 0.02) leaves the vocoder's output ~1e-7, too small to compare
+    speech_codes_only: bool = False  # zero the codec_head rows of the control ids (pad/bos/eos/mask...) except the
+                                     # two EOS ids, so a greedy Talker never emits a non-speech id mid-answer
 
 
 VARIANTS = {
@@ -138,7 +143,7 @@ def build_config(v: Variant, ids: dict[str, int], vocab: int):
         vocab_size=8448, embedding_size=v.hidden, hidden_size=v.talker_hidden,
         intermediate_size=v.talker_hidden * 2, num_hidden_layers=v.talker_layers,
         num_attention_heads=v.talker_heads, num_key_value_heads=v.talker_kv, head_dim=v.talker_head_dim,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": t_sec},
+        rope_parameters={"rope_type": "default", "rope_theta": v.talker_rope_theta, "mrope_section": t_sec},
         audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
         vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
         audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
@@ -170,7 +175,34 @@ def build_model(v: Variant, config):
             model.thinker.lm_head.weight.mul_(v.lm_head_scale)
         if v.enable_audio_output:
             model.talker.codec_head.weight.mul_(v.lm_head_scale)
+            if v.speech_codes_only:
+                talker = model.talker
+                speech = model.config.token2wav_config.dit_config.num_embeds  # ids below are speech codes
+                keep = {talker.codec_eos_token, talker.codec_pad_token}       # the EOS ids of generate
+                for i in range(speech, talker.codec_head.weight.shape[0]):
+                    if i not in keep:
+                        talker.codec_head.weight[i] = 0
+            if v.strong_token2wav:
+                strengthen(model.token2wav.code2wav_dit_model, seed=v.seed + 11)
+                strengthen(model.token2wav.code2wav_bigvgan_model, seed=v.seed + 12, gain=0.6)
     return model
+
+
+def strengthen(module, seed: int, gain: float = 1.0):
+    """Re-draw every weight with fan-in scaling (seeded) so that every part of the model matters (token2wav:
+    RoPE, block masks, gates and the vocoder's SnakeBeta)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith(".alpha") or name.endswith(".beta"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif "codec_embed" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * gain / p[0].numel() ** 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return module
 
 
 def make_processor(out: Path, tok, ids: dict[str, int]):
