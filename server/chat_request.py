@@ -36,8 +36,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from omnivox.streaming.pipeline import SPEECH_SYSTEM_PROMPT, GenerationOptions, default_sampling
-from omnivox.thinker.sampling import SamplingParams
+from omnivox.streaming.pipeline import SPEECH_SYSTEM_PROMPT, GenerationOptions, SamplingParams, default_sampling
 
 DEFAULT_MAX_TOKENS = 1024
 INPUT_PCM16_RATE = 24000
@@ -125,7 +124,7 @@ def _b64(data, param: str) -> bytes:
 
 def decode_input_audio(part: dict, param: str) -> np.ndarray:
     """An `input_audio` part -> mono float32 at 16 kHz (the audio encoder's rate)."""
-    from omnivox.encoders.audio_features import load_audio, pcm16_to_float
+    from omnivox.streaming.media import load_audio, pcm16_to_float
 
     spec = part.get("input_audio")
     if not isinstance(spec, dict):
