@@ -200,8 +200,8 @@ def cmd_serve(args) -> int:
 
     from omnivox.errors import InputError
     from omnivox.model import load
-    from omnivox.realtime import SessionLimits
-    from omnivox.server import ServerOptions, create_app, uvicorn_config
+    from omnivox.server.app import ServerOptions, create_app, uvicorn_config
+    from omnivox.server.realtime import SessionLimits
 
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be between 0 and 65535, got {args.port}")

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from omnivox.encoders.audio_features import FeatureConfig, load_audio, log_mel
+# load_audio and pcm16_to_float also decode the server's input audio: protocol code takes them from here
+from omnivox.encoders.audio_features import FeatureConfig, load_audio, log_mel, pcm16_to_float  # noqa: F401
 from omnivox.encoders.images import ImageProcessorConfig, VisionInput, preprocess_image
 from omnivox.encoders.video import (FPS, FPS_MAX_FRAMES, FPS_MIN_FRAMES, VideoSampling, extract_audio,
                                     frame_target, frames_tensor, patch_batches, read_video)

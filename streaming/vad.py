@@ -5,7 +5,7 @@ wheel (the model `load_silero_vad()` returns; the wheel's `silero_vad_16k.safete
 weights). `silero_step` re-implements its forward pass for one window in NumPy: the weights (`SileroWeights`) are
 loaded once and shared by every session, and each `TurnDetector` owns only a small `SileroState` (LSTM h, c and the
 64-sample context) instead of a TorchScript module that keeps its state inside. Probabilities match the package
-model's on the same audio to ~1e-7 (tests/test_vad.py).
+model's on the same audio to ~1e-7 (tests/streaming/test_vad.py).
 Why NumPy and not torch: the detector runs inline on the server's event-loop thread, beside the model worker. Tiny
 torch ops there enter OpenMP/oneDNN parallel regions sized for the model (torch threads = cores) and spin against
 the worker's threads: measured 7-8 ms of CPU per 32 ms window with 2 torch threads on a busy 2-core machine, against
@@ -28,7 +28,7 @@ Turn semantics (as OpenAI's server_vad, with Silero's VADIterator hysteresis):
 - the stop event is returned by the push that completes the silence run, i.e. silence_duration_ms (rounded up to
   whole 32 ms windows) after the run's start, plus the resampler's delay (<= ~35 ms at 24 kHz).
 Times are ms since the first sample pushed into this detector (`reset()` keeps the clock, as the session's does).
-Cost: about 0.2 ms of one core per 32 ms window, ~1% of a core per live session (tests/test_vad.py prints it).
+Cost: about 0.2 ms of one core per 32 ms window, ~1% of a core per live session (tests/streaming/test_vad.py prints it).
 A detector is used by one thread at a time; different detectors run safely on different threads (the shared
 weights are read-only).
 """

@@ -11,13 +11,13 @@ What is notable here:
   (`chunk_blocks`), and a chunk is computed once the codes reach its future context, so the output does not
   depend on how the codes are pushed (one at a time or all at once). Windows start on block boundaries and use
   absolute positions, so each chunk equals the one-shot DiT run on its window exactly; the whole stream differs
-  from one whole-utterance run by the truncated context only (measured in tests/test_token2wav.py).
+  from one whole-utterance run by the truncated context only (measured in tests/talker/test_token2wav.py).
 - Vocoder streaming is exact: windows overlap by the BigVGAN receptive field (`bigvgan.receptive_field`, 34 mel
   frames each way for the official config) and only samples whose whole receptive field was inside the window
   are emitted. The price is `right` frames (340 ms of audio) of look-ahead on top of the DiT's. Except once: the
   first chunk is vocoded with its DiT window's future-context frames standing in for the look-ahead
   (`StreamOptions.early_vocoder`), so the first audio needs one 48-frame DiT window and 24 codes, not two
-  windows; only those first samples depend on provisional frames (measured in tests/test_token2wav.py).
+  windows; only those first samples depend on provisional frames (measured in tests/talker/test_token2wav.py).
 - Time to first audio is Talker steps for 24 codes + one DiT solve over 48 frames + BigVGAN over 48 frames.
   `StreamOptions.first_steps` (explicit, off by default) solves that first window with fewer ODE points.
 - State lives in small dataclasses passed to functions; the modules stay stateless.
@@ -47,7 +47,7 @@ class StreamOptions:
     chunk_blocks: tuple[int, ...] = (1, 2, 4)
     # First chunk only: vocode it with its window's future-context frames (not final yet) as the vocoder's
     # look-ahead, so audio starts after that one window instead of waiting for the next chunk's window. The
-    # first chunk's samples then depend on 24 provisional mel frames (bound measured in tests/test_token2wav.py);
+    # first chunk's samples then depend on 24 provisional mel frames (bound measured in tests/talker/test_token2wav.py);
     # from there on the vocoder is exact on the final mel. False: exact from the first sample, later.
     early_vocoder: bool = True
     steps: int = 10                              # ODE time points

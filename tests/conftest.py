@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny random checkpoints written once per test session by the reference implementation."""
+"""Shared fixtures: tiny random checkpoints written once per test session by the reference implementation.
+
+Test files live in folders that mirror the packages; the helpers they share (tiny.py, cli_support.py,
+server_support.py, ...) live here in tests/, which this file puts on sys.path."""
 
 import os
 import sys
@@ -8,6 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+pytest.register_assert_rewrite("cli_support", "server_support")  # their asserts report like a test's
 import tiny  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -37,8 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from omnivox.streaming.decoding import talker_sampling, thinker_sampling
-from omnivox.streaming.pipeline import SPEECH_SYSTEM_PROMPT, GenerationOptions
-from omnivox.thinker.sampling import SamplingParams
+from omnivox.streaming.pipeline import SPEECH_SYSTEM_PROMPT, GenerationOptions, SamplingParams
 
 DEFAULT_MAX_TOKENS = 1024
 INPUT_PCM16_RATE = 24000
@@ -126,7 +125,7 @@ def _b64(data, param: str) -> bytes:
 
 def decode_input_audio(part: dict, param: str) -> np.ndarray:
     """An `input_audio` part -> mono float32 at 16 kHz (the audio encoder's rate)."""
-    from omnivox.encoders.audio_features import load_audio, pcm16_to_float
+    from omnivox.streaming.media import load_audio, pcm16_to_float
 
     spec = part.get("input_audio")
     if not isinstance(spec, dict):

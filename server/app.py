@@ -24,12 +24,12 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from omnivox.engine import Engine
-from omnivox.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from omnivox.metrics import Metrics
-from omnivox.openai_chat import chat_completions
-from omnivox.realtime import RealtimeSession, SessionLimits
-from omnivox.security import check_api_key, origin_allowed, select_subprotocol
+from omnivox.server.engine import Engine
+from omnivox.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from omnivox.server.metrics import Metrics
+from omnivox.server.openai_chat import chat_completions
+from omnivox.server.realtime import RealtimeSession, SessionLimits
+from omnivox.server.security import check_api_key, origin_allowed, select_subprotocol
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 

@@ -32,9 +32,9 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
-from omnivox.engine import EngineBusy
-from omnivox.realtime_audio import ENCODER_RATE, InputTimeline, audio_turn
-from omnivox.realtime_events import (BETA_NAMES, GA_NAMES, MAX_EVENT_BYTES, MIN_COMMIT_MS, ClientError,
+from omnivox.server.engine import EngineBusy
+from omnivox.server.realtime_audio import ENCODER_RATE, InputTimeline, audio_turn
+from omnivox.server.realtime_events import (BETA_NAMES, GA_NAMES, MAX_EVENT_BYTES, MIN_COMMIT_MS, ClientError,
                                      SessionSettings, decode_frame, decode_pcm16, default_turn_detection, error_event,
                                      event_type, get_field, message_item, new_id, output_part, parse_item,
                                      parse_response_params, parse_session_update, pcm16_to_float, response_object,

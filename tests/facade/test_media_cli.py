@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_support import assert_clean_error, omnivox
 from media_fixtures import write_image, write_video, write_wav
-from test_cli import assert_clean_error, omnivox
 
 
 @pytest.fixture(scope="module")

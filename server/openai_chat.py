@@ -35,12 +35,8 @@ import time
 import uuid
 from pathlib import Path
 
-from omnivox.chat_request import DEFAULT_MAX_TOKENS, TRANSCRIPTS, ChatRequest, RequestError, parse_body
-# re-exported, so `from omnivox.openai_chat import ...` keeps working for importers from before the split
-from omnivox.chat_request import (AUDIO_TOKENS_PER_TEXT_TOKEN, AUDIO_TOKENS_SLACK, ENCODER_RATE,  # noqa: F401
-                                  INPUT_PCM16_RATE, MAX_AUDIO_TOKENS, convert_messages, decode_image_url,
-                                  decode_input_audio, parse_request)
-from omnivox.security import check_api_key, origin_allowed
+from omnivox.server.chat_request import DEFAULT_MAX_TOKENS, TRANSCRIPTS, ChatRequest, RequestError, parse_body
+from omnivox.server.security import check_api_key, origin_allowed
 from omnivox.streaming.pipeline import SAMPLE_RATE, AudioChunk, Done, TextDelta, generate
 
 log = logging.getLogger("omnivox.chat")

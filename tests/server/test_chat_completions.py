@@ -21,14 +21,14 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from omnivox.engine import EngineBusy
-from omnivox.metrics import Metrics
 from omnivox.model import load
-from omnivox.openai_chat import chat_completions
-from omnivox.server import ServerOptions
+from omnivox.server.app import ServerOptions
+from omnivox.server.engine import EngineBusy
+from omnivox.server.metrics import Metrics
+from omnivox.server.openai_chat import chat_completions
 from omnivox.streaming.pipeline import SPEECH_SYSTEM_PROMPT, GenerationOptions, TextDelta, generate
 from omnivox.thinker.sampling import SamplingParams
-from server_support import LiveServer, free_port
+from server_support import LiveServer, free_port, parse, value
 
 STORY = [{"role": "user", "content": "Tell me a long story."}]
 
@@ -82,8 +82,6 @@ def deltas(events):
 
 
 def metric(http, name, **labels) -> float:
-    from test_metrics import parse, value
-
     families = parse(http.get("/metrics").text)
     family = next(f for f in families if name == f or name.startswith(f + "_"))
     return value(families, family, name, **labels)
@@ -210,7 +208,7 @@ def test_assistant_audio_id_resolves_to_its_transcript(spoken, http, omni):
 
 
 def test_speech_keeps_the_official_system_prompt(spoken, http, omni):
-    from omnivox.openai_chat import convert_messages
+    from omnivox.server.chat_request import convert_messages
 
     msgs = convert_messages([{"role": "system", "content": "Be brief."}] + STORY, audio_out=True)
     assert msgs[0] == {"role": "system", "content": SPEECH_SYSTEM_PROMPT + "\n\nBe brief."}

@@ -17,8 +17,7 @@ import pytest
 import websockets
 from PIL import Image
 
-from server_support import omni  # noqa: F401 (module fixture)
-from test_realtime import KEY, Server, b64pcm, run
+from server_support import KEY, Raw, Server, b64pcm, omni, run, text_user  # noqa: F401 (omni: module fixture)
 from speechlike import silence, speechlike
 
 
@@ -26,54 +25,6 @@ from speechlike import silence, speechlike
 def server(omni):
     with Server(omni) as s:
         yield s
-
-
-class Raw:
-    """A bare websocket client speaking JSON events."""
-
-    def __init__(self, server, headers=None, subprotocols=None, origin=None):
-        self.url = f"{server.url}/realtime?model=omnivox-tiny"
-        self.headers = {"Authorization": f"Bearer {KEY}"} if headers is None else headers
-        self.subprotocols = subprotocols
-        self.origin = origin
-        self.log = []
-        self.times = []  # arrival time of each logged event
-
-    async def __aenter__(self):
-        kw = {}
-        if self.subprotocols:
-            kw["subprotocols"] = self.subprotocols
-        if self.origin:
-            kw["origin"] = self.origin
-        self.ws = await websockets.connect(self.url, additional_headers=self.headers, max_size=None, **kw)
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.ws.close()
-
-    async def send(self, event):
-        await self.ws.send(event if isinstance(event, (str, bytes)) else json.dumps(event))
-
-    async def until(self, *types, timeout=60):
-        async def loop():
-            while True:
-                ev = json.loads(await self.ws.recv())
-                self.log.append(ev)
-                self.times.append(time.monotonic())
-                if ev["type"] in types:
-                    return ev
-        return await asyncio.wait_for(loop(), timeout)
-
-    async def text_turn(self, text="Hi", modalities=("text",)):
-        await self.send({"type": "conversation.item.create", "item": {
-            "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
-        await self.send({"type": "response.create", "response": {"output_modalities": list(modalities)}})
-        return await self.until("response.done")
-
-
-def text_user(text):
-    return {"type": "conversation.item.create",
-            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}
 
 
 BAD_EVENTS = [
@@ -429,9 +380,9 @@ def test_a_client_that_stops_reading_stalls_its_turn_without_growing_memory(omni
     the engine stream's buffer fills -> the worker stops advancing that turn (no unbounded buffering anywhere)."""
     from types import SimpleNamespace
 
-    from omnivox.engine import Engine
-    from omnivox.metrics import Metrics
-    from omnivox.realtime import RealtimeSession, SessionLimits
+    from omnivox.server.engine import Engine
+    from omnivox.server.metrics import Metrics
+    from omnivox.server.realtime import RealtimeSession, SessionLimits
 
     class StuckSocket:
         async def send_text(self, text):

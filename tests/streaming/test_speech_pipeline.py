@@ -10,6 +10,7 @@ import soundfile as sf
 import torch
 
 import tiny
+from cli_support import assert_clean_error, omnivox
 from omnivox.model import load
 from omnivox.streaming.pipeline import (SPEECH_SYSTEM_PROMPT, AudioChunk, Done, GenerationOptions, TextDelta,
                                         generate, user_messages)
@@ -17,7 +18,6 @@ from omnivox.streaming.prompt import build_prompt
 from omnivox.talker.model import talker_generate
 from omnivox.thinker.model import KVCache, decode_step, prefill, text_positions
 from omnivox.thinker.sampling import Sampler, SamplingParams
-from test_cli import assert_clean_error, omnivox
 
 GREEDY = SamplingParams(greedy=True)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
-from omnivox.realtime_audio import ENCODER_RATE
+from omnivox.server.realtime_audio import ENCODER_RATE
 from omnivox.streaming.pipeline import SAMPLE_RATE
 
 MAX_EVENT_BYTES = 15 * 1024 * 1024

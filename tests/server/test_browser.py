@@ -7,16 +7,14 @@ server's VAD hears the person talk over the assistant. Screenshots go to artifac
 """
 
 import base64
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from browser_support import CHROMIUM, chromium_args, write_turn_wav, write_y4m  # noqa: E402
-from speechlike import speechlike, to_pcm16  # noqa: E402
+from browser_support import CHROMIUM, chromium_args, write_turn_wav, write_y4m
+from speechlike import speechlike, to_pcm16
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
@@ -24,10 +22,10 @@ if not Path(CHROMIUM).exists():
 from playwright.sync_api import sync_playwright  # noqa: E402
 from server_support import LiveServer, free_port, omni  # noqa: E402,F401 (omni: module fixture)
 
-from omnivox.realtime import SessionLimits  # noqa: E402
-from omnivox.server import ServerOptions  # noqa: E402
+from omnivox.server.app import ServerOptions  # noqa: E402
+from omnivox.server.realtime import SessionLimits  # noqa: E402
 
-SHOTS = Path(__file__).resolve().parent.parent / "artifacts" / "screenshots"
+SHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
 # a reply of up to 8 s of speech (paced at real time), long enough to be talked over
 LIMITS = dict(max_output_tokens=48, max_codec_tokens=400)
 

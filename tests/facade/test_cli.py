@@ -2,24 +2,13 @@
 line on stderr with exit code 2 (never a traceback)."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-import tiny
-
-
-def omnivox(*args, env_extra=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env.pop("OMNIVOX_DEBUG", None)
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "omnivox", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+from cli_support import assert_clean_error, omnivox
 
 
 def reference_greedy(ref, path: Path, text: str, n: int) -> list[int]:
@@ -65,15 +54,6 @@ def test_ask_seeded_sampling_is_reproducible(tiny_checkpoint):
     a, b = omnivox(*args), omnivox(*args)
     assert a.returncode == 0, a.stderr
     assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
-
-
-def assert_clean_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    assert "Traceback" not in r.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def copy_ckpt(src: Path, dst: Path) -> Path:

@@ -3,63 +3,12 @@ samples, histogram buckets cumulative and ending at +Inf, _count == the +Inf buc
 also from many threads at once."""
 
 import math
-import re
 import threading
 
 import pytest
 
-from omnivox.metrics import Metrics, format_value
-
-_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-_LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
-_VALUE = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|Inf)|NaN"
-_SAMPLE = re.compile(rf"^({_NAME})(\{{{_LABEL}(?:,{_LABEL})*\}})? ({_VALUE})$")
-_HELP = re.compile(rf"^# HELP ({_NAME}) (.*)$")
-_TYPE = re.compile(rf"^# TYPE ({_NAME}) (counter|gauge|histogram|summary|untyped)$")
-
-
-def parse(text: str) -> dict:
-    """Strict parser for the subset we emit -> {family: {"type", "help", "samples": [(name, labels, value)]}}."""
-    assert text.endswith("\n") and not text.endswith("\n\n"), "exposition ends with exactly one newline"
-    families: dict = {}
-    current = None
-    for line in text[:-1].split("\n"):
-        if m := _HELP.match(line):
-            assert m.group(1) not in families, f"family {m.group(1)} declared twice"
-            current = families[m.group(1)] = {"help": m.group(2), "type": None, "samples": []}
-            continue
-        if m := _TYPE.match(line):
-            assert current is families.get(m.group(1)) and current["type"] is None and not current["samples"], line
-            current["type"] = m.group(2)
-            continue
-        m = _SAMPLE.match(line)
-        assert m, f"not a valid sample line: {line!r}"
-        name, labels, value = m.group(1), m.group(2) or "", m.group(3)
-        assert current is not None and current["type"], f"sample before HELP/TYPE: {line!r}"
-        family = next(f for f, d in families.items() if d is current)
-        suffixes = ("_bucket", "_sum", "_count") if current["type"] == "histogram" else ("",)
-        assert any(name == family + s for s in suffixes), f"{name} outside its family {family}"
-        pairs = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', labels))
-        v = float(value.replace("Inf", "inf"))
-        current["samples"].append((name, pairs, v))
-    for family, d in families.items():
-        if d["type"] == "histogram":
-            buckets = [(s[1]["le"], s[2]) for s in d["samples"] if s[0].endswith("_bucket")]
-            assert buckets and buckets[-1][0] == "+Inf", f"{family}: buckets must end with le=\"+Inf\""
-            bounds = [float(le.replace("Inf", "inf")) for le, _ in buckets]
-            assert bounds == sorted(bounds) and len(set(bounds)) == len(bounds)
-            counts = [c for _, c in buckets]
-            assert counts == sorted(counts), f"{family}: buckets must be cumulative"
-            count = [s[2] for s in d["samples"] if s[0] == family + "_count"]
-            assert count == [counts[-1]], f"{family}: _count must equal the +Inf bucket"
-            assert len([s for s in d["samples"] if s[0] == family + "_sum"]) == 1
-    return families
-
-
-def value(families, family, name=None, **labels):
-    got = [v for n, ls, v in families[family]["samples"] if n == (name or family) and ls == labels]
-    assert len(got) == 1, (family, name, labels, families[family]["samples"])
-    return got[0]
+from omnivox.server.metrics import Metrics, format_value
+from server_support import parse, value
 
 
 def test_fresh_metrics_render_every_family_with_its_type():

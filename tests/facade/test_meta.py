@@ -11,12 +11,12 @@ import torch
 from omnivox.config import OmniConfig
 from omnivox.model import build_meta
 
-CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "shared" / "configs"
 EXPECTED_TOTAL = {"3b": 5.54e9, "7b": 10.73e9}
 
 
 def config_path(size: str) -> Path:
-    for base in (CONFIGS, Path(__file__).resolve().parents[1] / "shared" / "configs"):
+    for base in (CONFIGS, Path(__file__).resolve().parents[2] / "shared" / "configs"):
         p = base / f"qwen2.5-omni-{size}.config.json"
         if p.is_file():
             return p

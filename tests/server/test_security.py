@@ -3,7 +3,7 @@ loopback pages on a loopback server, same-origin only for hosts DNS rebinding ca
 
 from starlette.datastructures import Headers
 
-from omnivox.security import check_api_key, is_loopback, origin_allowed, select_subprotocol
+from omnivox.server.security import check_api_key, is_loopback, origin_allowed, select_subprotocol
 
 
 def test_open_server_needs_no_key():

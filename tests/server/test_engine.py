@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from omnivox.engine import Engine, EngineBusy
+from omnivox.server.engine import Engine, EngineBusy
 
 
 def counting(name, n, log, closed=None):

@@ -6,58 +6,19 @@ The server runs in-process (uvicorn in a thread on a free port) so tests can loo
 
 import asyncio
 import base64
-import contextlib
-import gc
-import io
-import json
-import sys
 import time
-import weakref
-from pathlib import Path
 
 import numpy as np
 import pytest
-import websockets
-from openai import AsyncOpenAI
 
-from omnivox.realtime import SessionLimits
-from omnivox.server import ServerOptions
-
-sys.path.insert(0, str(Path(__file__).parent))
-from server_support import LiveServer, free_port, omni  # noqa: E402,F401 (omni: module fixture)
-from speechlike import silence, speechlike  # noqa: E402
-
-KEY = "test-key"
-QUICK = dict(max_output_tokens=8, max_codec_tokens=30)
-
-
-class Server(LiveServer):
-    """The realtime tests' server: API key KEY, QUICK limits unless `limits` overrides some."""
-
-    def __init__(self, omni, limits=None, api_key=KEY, **options):
-        limits = SessionLimits(**{**QUICK, **(limits or {})})
-        super().__init__(omni, ServerOptions(port=free_port(), api_key=api_key, limits=limits, **options))
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.options.port}/v1"
-
-    def client(self) -> AsyncOpenAI:
-        return AsyncOpenAI(api_key=KEY, websocket_base_url=self.url, base_url=f"{self.base}/v1")
+from server_support import Server, b64pcm, omni, run  # noqa: F401 (omni: module fixture)
+from speechlike import silence, speechlike
 
 
 @pytest.fixture(scope="module")
 def server(omni):
     with Server(omni) as s:
         yield s
-
-
-def run(coro, timeout=120):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def b64pcm(x: np.ndarray) -> str:
-    return base64.b64encode((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()).decode()
 
 
 async def until(conn, *types, timeout=60, log=None):

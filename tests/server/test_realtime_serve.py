@@ -1,7 +1,6 @@
 """`omnivox serve`: startup errors are one stderr line and exit 2; a real process serves the pages, health and
 API routes, and the system prompt rule (speech prompt first, instructions after it) reaches the conversation."""
 
-import asyncio
 import os
 import socket
 import subprocess
@@ -11,12 +10,10 @@ import time
 import httpx
 import pytest
 
+from cli_support import assert_clean_error, omnivox
 from omnivox.model import load
 from omnivox.streaming.pipeline import SPEECH_SYSTEM_PROMPT
-from test_cli import assert_clean_error, omnivox
-from server_support import free_port
-from test_realtime import Server, run
-from test_realtime_protocol import Raw, text_user
+from server_support import Raw, Server, free_port, run, text_user
 
 
 def test_serve_startup_errors_are_one_line_exit_2(tmp_path, tiny_checkpoint):

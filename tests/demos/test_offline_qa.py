@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from cli_support import omnivox
 from media_fixtures import write_image, write_video, write_wav
-from test_cli import omnivox
 
-DEMOS = Path(__file__).resolve().parent.parent / "demos"
+DEMOS = Path(__file__).resolve().parents[2] / "demos"
 QUESTION = "What do you hear and see?"
 LIMITS = ["--greedy", "--max-new-tokens", "4", "--max-codec-tokens", "24"]
 

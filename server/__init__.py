@@ -1,0 +1,1 @@
+"""server part of omnivox (imported as omnivox.server): `omnivox serve`, Realtime and chat completions."""
