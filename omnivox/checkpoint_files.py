@@ -63,7 +63,8 @@ def _size(f: Path) -> int:
         return 0
 
 
-def _gib(n: int) -> str:
+def size_text(n: int) -> str:
+    """'10.4 GiB', or '8.4 MiB' below a tenth of a GiB."""
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.1f} MiB"
 
 
@@ -95,7 +96,7 @@ def check_parts(root: Path, speech: bool = True) -> list[Part]:
             shards = sorted(set(weight_map(index).values()))
             gone = tuple(f for f in shards if not has(f))
             size = sum(_size(root / f) for f in shards)
-            parts.append(Part("weights", True, f"{len(shards)} shards, {_gib(size)}") if not gone else
+            parts.append(Part("weights", True, f"{len(shards)} shards, {size_text(size)}") if not gone else
                          Part("weights", False, f"{len(gone)} of {len(shards)} shards missing: "
                                                 f"{short_list(list(gone))}", gone))
         except CheckpointError as e:
@@ -103,7 +104,7 @@ def check_parts(root: Path, speech: bool = True) -> list[Part]:
     else:
         files = sorted(f for f in root.glob("*.safetensors") if _size(f) > 0)
         parts.append(Part("weights", True, f"{short_list([f.name for f in files], 2)}, "
-                                           f"{_gib(sum(map(_size, files)))}") if files else
+                                           f"{size_text(sum(map(_size, files)))}") if files else
                      Part("weights", False, "no model.safetensors (or index with shards)", ("model.safetensors",)))
 
     if has("tokenizer.json"):
