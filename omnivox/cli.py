@@ -1,5 +1,5 @@
-"""`omnivox` command line: `ask` (one turn, streamed to stdout), `serve` (the realtime server) and `bench` (ours
-vs the reference).
+"""`omnivox` command line: `ask` (one turn, streamed to stdout), `serve` (the realtime server), `bench` (ours
+vs the reference) and `doctor` (is this machine ready?).
 
 Every user-facing failure (bad checkpoint, bad input, bad option) prints one line on stderr and exits with 2.
 Set OMNIVOX_DEBUG=1 to get tracebacks for unexpected internal errors.
@@ -11,6 +11,8 @@ import argparse
 import json
 import os
 import sys
+
+from omnivox import doctor  # stdlib only at import time
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-Omni-3B"
 
@@ -92,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks: ours vs the reference implementation, side by side")
     bench.add_argument("what", choices=["thinker", "encoders", "speech", "parity"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark (see --help)")
+
+    check = sub.add_parser("doctor", help="check this machine and a checkpoint, one line per check",
+                           description=doctor.HELP)
+    check.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"checkpoint directory or Hugging Face hub id (default {DEFAULT_MODEL})")
     return p
 
 
@@ -253,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "doctor":
+            return doctor.main(args.model)
     except (OmnivoxError, ValueError) as e:
         print(f"omnivox: error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""Reading a checkpoint: where it lives, its tensors (lazy, memory-mapped), its speakers, its dtype.
+"""Reading a checkpoint: its tensors (lazy, memory-mapped), its speakers, its dtype (where it lives and whether
+it is complete: `checkpoint_files`).
 
 No model is built here; the facade builds modules on the meta device and calls `load_module`. The contract
 with model code:
@@ -25,55 +26,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 import struct
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from omnivox.checkpoint_files import short_list, weight_map
 from omnivox.errors import CheckpointError, InputError
-
-# What `resolve_model_path` fetches from the hub: the files a checkpoint directory needs, nothing else.
-HUB_PATTERNS = ["*.json", "*.safetensors", "spk_dict.pt", "merges.txt", "vocab.json", "*.jinja"]
-
-_LOCAL_ADVICE = "download it first (hf download {id}) or pass a local copy: --model /path/to/Qwen2.5-Omni-3B"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_model_path(model: str, offline: bool | None = None) -> Path:
-    """A local checkpoint directory, or a hub id ("Qwen/Qwen2.5-Omni-3B") fetched into the huggingface_hub cache.
-
-    offline: None reads HF_HUB_OFFLINE; when offline only an already cached snapshot is used.
-    """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{model} is a file; --model takes a checkpoint directory or a hub id")
-    if not _HUB_ID.match(model) or model.startswith((".", "~")):
-        raise CheckpointError(f"model directory {model} does not exist")
-    env_offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    if offline is None:
-        offline = env_offline
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise CheckpointError(f"{model} is not a local directory and huggingface_hub is not installed to fetch it; "
-                              + _LOCAL_ADVICE.format(id=model)) from None
-    try:
-        snapshot = huggingface_hub.snapshot_download(repo_id=model, allow_patterns=HUB_PATTERNS,
-                                                     local_files_only=offline)
-    except Exception as e:  # offline, unknown repo, gated, network: all mean "get it yourself"
-        # first sentence only: huggingface_hub's own advice names its keyword arguments, not our options
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0].rstrip(".")
-        mode = (" (offline mode: HF_HUB_OFFLINE is set and it is not in the cache)" if env_offline
-                else " (offline mode: it is not in the cache)" if offline else "")
-        raise CheckpointError(f"could not fetch {model} from the Hugging Face Hub{mode}: {why}. There is no local "
-                              f"directory {model} either; " + _LOCAL_ADVICE.format(id=model)) from None
-    return Path(snapshot)
-
 
 # ---- safetensors files
 
@@ -141,11 +101,7 @@ class Checkpoint:
             raise CheckpointError(f"model directory {root} does not exist")
         index = root / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                files = {str(k): root / str(v) for k, v in weight_map.items()}
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})") from None
+            files = {k: root / v for k, v in weight_map(index).items()}
             missing = sorted({f.name for f in files.values() if not f.is_file()})
             if missing:
                 raise CheckpointError(f"{root} is incomplete: {index.name} lists {len(missing)} missing file(s): "
@@ -241,8 +197,30 @@ class Checkpoint:
 
 # ---- filling a meta-built module
 
-def _names(items: list[str], limit: int = 5) -> str:
-    return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+def _dtype_rule(module: nn.Module, dtype: torch.dtype):
+    """(name, declared dtype) -> the dtype `load_module` gives it: `dtype` for floats, float32 below keep_fp32."""
+    fp32_roots = [name for name, m in module.named_modules() if getattr(m, "keep_fp32", False) is True]
+
+    def target_dtype(name: str, declared: torch.dtype) -> torch.dtype:
+        if not declared.is_floating_point:
+            return declared
+        for root in fp32_roots:
+            if root == "" or name.startswith(root + "."):
+                return torch.float32
+        return dtype
+
+    return target_dtype
+
+
+def loaded_nbytes(module: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes the tensors `load_module(module, ..., dtype=dtype)` fills take (a meta-built module is enough)."""
+    target_dtype = _dtype_rule(module, dtype)
+    seen, total = set(), 0
+    for name, t in module.state_dict(keep_vars=True).items():  # parameters and persistent buffers
+        if id(t) not in seen:  # tied parameters count once
+            seen.add(id(t))
+            total += t.numel() * target_dtype(name, t.dtype).itemsize
+    return total
 
 
 def load_module(module: nn.Module, ckpt: Checkpoint, prefix: str, *, dtype: torch.dtype, device="cpu",
@@ -255,15 +233,7 @@ def load_module(module: nn.Module, ckpt: Checkpoint, prefix: str, *, dtype: torc
     """
     device = torch.device(device)
     tied = dict(tied or {})
-    fp32_roots = [name for name, m in module.named_modules() if getattr(m, "keep_fp32", False) is True]
-
-    def target_dtype(name: str, declared: torch.dtype) -> torch.dtype:
-        if not declared.is_floating_point:
-            return declared
-        for root in fp32_roots:
-            if root == "" or name.startswith(root + "."):
-                return torch.float32
-        return dtype
+    target_dtype = _dtype_rule(module, dtype)
 
     # what the module wants: parameters and persistent buffers, by full dotted name
     wanted: dict[str, tuple[nn.Module, str, torch.Tensor, bool]] = {}
@@ -291,11 +261,11 @@ def load_module(module: nn.Module, ckpt: Checkpoint, prefix: str, *, dtype: torc
     if missing or unexpected or mismatched:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing: {_names(missing)}")
+            parts.append(f"{len(missing)} missing: {short_list(missing)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected: {_names(unexpected)}")
+            parts.append(f"{len(unexpected)} unexpected: {short_list(unexpected)}")
         if mismatched:
-            parts.append(f"{len(mismatched)} with another shape: {_names(mismatched, 3)}")
+            parts.append(f"{len(mismatched)} with another shape: {short_list(mismatched, 3)}")
         raise CheckpointError(f"{ckpt.root} does not match the model{f' under {prefix!r}' if prefix else ''}: "
                               + "; ".join(parts) + " (wrong model size or not a Qwen2.5-Omni checkpoint?)")
 
@@ -331,7 +301,7 @@ def load_module(module: nn.Module, ckpt: Checkpoint, prefix: str, *, dtype: torc
     still_meta = [f"{n}" for n, b in module.named_buffers() if b is not None and b.is_meta]
     still_meta += [f"{n}" for n, p in module.named_parameters() if p.is_meta]
     if still_meta:
-        raise CheckpointError(f"after loading, {_names(still_meta)} are still on the meta device: their module must "
+        raise CheckpointError(f"after loading, {short_list(still_meta)} are still on the meta device: their module must "
                               "define reset_buffers() to rebuild computed buffers (model-code bug)")
 
 

@@ -18,7 +18,8 @@ from torch import nn
 
 from omnivox.config import OmniConfig
 from omnivox.errors import CheckpointError
-from omnivox.loading import Checkpoint, checkpoint_dtype, load_module, load_speakers, resolve_model_path
+from omnivox.checkpoint_files import resolve_model_path
+from omnivox.loading import Checkpoint, checkpoint_dtype, load_module, load_speakers
 from omnivox.streaming.prefix import PrefixCache
 
 
@@ -101,7 +102,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     from omnivox.thinker.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
-    root = resolve_model_path(str(path))
+    root = resolve_model_path(str(path), speech=audio)
     cfg = OmniConfig.from_dir(root)
     device = torch.device(device)
     if dtype is None or dtype == "auto":

@@ -137,24 +137,27 @@ def _bpe_from_vocab_merges(vocab_path: Path, merges_path: Path, config: dict) ->
     return tok
 
 
-def _find_chat_template(path: Path, config: dict) -> str:
-    """chat_template.jinja, chat_template.json, processor_config.json, tokenizer_config.json; else the built-in."""
+def find_chat_template(path: Path, config: dict | None = None) -> tuple[str, str]:
+    """(template, where it came from): chat_template.jinja, chat_template.json, processor_config.json,
+    tokenizer_config.json (`config`: its contents, read here when None); else the built-in ("built-in")."""
     jinja_file = path / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        return jinja_file.read_text(encoding="utf-8"), jinja_file.name
     for name in ("chat_template.json", "processor_config.json"):
         data = _read_json(path / name)
         if data is not None and isinstance(data.get("chat_template"), str):
-            return data["chat_template"]
+            return data["chat_template"], name
+    if config is None:
+        config = _read_json(path / "tokenizer_config.json") or {}
     template = config.get("chat_template")
     if isinstance(template, str):
-        return template
+        return template, "tokenizer_config.json"
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         if isinstance(named.get("default"), str):
-            return named["default"]
+            return named["default"], "tokenizer_config.json"
         raise ValueError(f"tokenizer_config.json lists chat templates {sorted(map(str, named))} but none is 'default'")
-    return OMNI_CHAT_TEMPLATE
+    return OMNI_CHAT_TEMPLATE, "built-in"
 
 
 def _raise_exception(message):
@@ -226,7 +229,7 @@ class Tokenizer:
                              f"{' and '.join(missing)} (a tokenizer needs tokenizer.json or vocab.json + merges.txt)")
         template_tokens = {k: c for k, v in config.items()
                            if k.endswith("_token") and (c := _token_content(v)) is not None}
-        return cls(backend, _find_chat_template(path, config), template_tokens)
+        return cls(backend, find_chat_template(path, config)[0], template_tokens)
 
     # ---- ids <-> text
 

@@ -10,9 +10,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import tiny
+from omnivox.checkpoint_files import resolve_model_path
 from omnivox.config import OmniConfig
 from omnivox.errors import CheckpointError, InputError
-from omnivox.loading import Checkpoint, checkpoint_dtype, load_module, load_speakers, resolve_model_path
+from omnivox.loading import Checkpoint, checkpoint_dtype, load_module, load_speakers
 
 
 # A bare Thinker language model with the raw checkpoint names (no forward: only what loading needs).
@@ -321,8 +322,8 @@ def test_resolve_model_path(base, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError) as err:
         resolve_model_path("Qwen/Qwen2.5-Omni-3B")
     msg = str(err.value)
-    assert "could not fetch Qwen/Qwen2.5-Omni-3B" in msg and "offline" in msg
-    assert "--model /path/to/Qwen2.5-Omni-3B" in msg
+    assert "Qwen/Qwen2.5-Omni-3B is neither a local directory nor downloaded" in msg and "HF_HUB_OFFLINE" in msg
+    assert "download Qwen/Qwen2.5-Omni-3B`" in msg and "--model DIR" in msg
 
 
 def test_checkpoint_dtype():
