@@ -67,7 +67,7 @@ def test_second_turn_of_a_conversation_matches_the_reference_on_the_whole_histor
 def test_cli_greedy_equals_the_reference_greedy(built, flags, reference_penalty):
     """`omnivox ask --greedy` = the reference's greedy generate (its Talker repetition penalty 1.05 kept);
     `--repetition-penalty 1.0` = talker_repetition_penalty=1.0."""
-    from test_cli import omnivox
+    from cli_support import omnivox
 
     b = built("pa")
     case = Case("cli", "pa", question="Hello! Who are you?", thinker_new=10, talker_new=48,
