@@ -71,7 +71,8 @@ def size_text(n: int) -> str:
 def check_parts(root: Path, speech: bool = True) -> list[Part]:
     """The parts of checkpoint directory `root`: config.json (a Qwen2.5-Omni one), the weights (every shard the
     index names), the tokenizer (tokenizer.json or vocab.json + merges.txt), the processor config (audio, image
-    and video input), with `speech` the speakers (spk_dict.pt), and the chat template. Only config.json, the
+    and video input), with `speech` the speakers (spk_dict.pt; not for a config without a talker), and the chat
+    template. Only config.json, the
     shard index and the template sources are read; the tensors are the loader's business."""
     from omnivox.config import OmniConfig
     from omnivox.thinker.tokenizer import find_chat_template
@@ -85,7 +86,9 @@ def check_parts(root: Path, speech: bool = True) -> list[Part]:
     else:
         try:
             cfg = OmniConfig.from_dir(root)
-            speech_note = "" if cfg.talker and cfg.token2wav else ", no talker: text only"
+            speaks = cfg.talker and cfg.token2wav and cfg.enable_audio_output
+            speech_note = "" if speaks else ", no talker: text only"
+            speech = speech and not speech_note  # a text-only checkpoint needs no speakers (the loader says why)
             parts.append(Part("config", True, f"config.json ({cfg.model_type}{speech_note})"))
         except CheckpointError as e:
             parts.append(Part("config", False, str(e)))
