@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 
 # Thinker vocabulary layout of the tiny checkpoints: ordinary tokens 0..59, then the specials below.
@@ -183,3 +184,14 @@ def save(model, out) -> dict:
 
 def strip(tensors: dict, prefix: str) -> dict:
     return {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Hundreds of tiny kernels per frame: with a second OpenMP thread on a busy 2-core machine each one waits
+    milliseconds for it (50x slower); one thread keeps these files fast. Test modules import this fixture
+    (autouse); the thread count is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

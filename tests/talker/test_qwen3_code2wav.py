@@ -12,19 +12,10 @@ import pytest
 import torch
 
 import tiny_qwen3 as tq
+from tiny_qwen3 import one_thread  # noqa: F401  (autouse)
 from omnivox.talker.code2wav import Code2Wav, Code2WavConfig, Code2WavState, code2wav_stream
 
 REAL_CONFIG = "/work/shared/configs/qwen3-omni-30b-a3b-instruct.config.json"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Hundreds of tiny kernels per frame: with a second OpenMP thread on a busy 2-core machine each one waits
-    milliseconds for it (50x slower); one thread keeps this file fast. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=["base", "wide", "mha"])
