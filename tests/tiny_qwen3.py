@@ -161,7 +161,13 @@ def make_reference(v: Variant | str = "base"):
         for head in model.talker.code_predictor.lm_head:
             head.weight.mul_(v.head_scale)
         model.thinker.lm_head.weight.mul_(v.head_scale)
-        # the router, the shared-expert gate and the projections get a real spread too
+        # the reference's _init_weights skips the Talker's fused expert tensors (torch.empty: whatever memory
+        # held, NaN at times), so every expert tensor is drawn here, seeded
+        g = torch.Generator().manual_seed(v.seed + 7)
+        for name, p in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+        # the router and the shared-expert gate get a real spread too
         for layer in model.talker.model.layers:
             layer.mlp.gate.weight.normal_(0, 1.0)
             layer.mlp.shared_expert_gate.weight.normal_(0, 0.3)
