@@ -26,7 +26,7 @@ from omnivox.talker.qwen3_talker import (Qwen3Talker, Qwen3TalkerConfig, SparseM
 from omnivox.thinker.sampling import Sampler
 
 I = tq.THINKER_IDS
-MEASURED = []  # (variant, max |Δ| code-0 logits, max |Δ| predictor logits, frames, ending): printed by test_report_measured
+MEASURED = []  # (variant, max |Δ| code-0 logits, |Δ| predictor logits, frames, ending): see test_report_measured
 
 
 @pytest.fixture(scope="module", params=["base", "wide", "mha"])
