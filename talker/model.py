@@ -302,12 +302,16 @@ def talker_push_reply(state: TalkerState, token_id: int, hidden: Tensor) -> None
         state.pending.append(row.to(e.dtype) + e)  # (Ht,)
 
 
-def talker_end_reply(state: TalkerState) -> None:
-    """The Thinker finished: the Talker gets tts_text_end once, then tts_text_pad for every later step."""
+def talker_end_reply(state) -> None:
+    """The Thinker finished: the Talker gets tts_text_end once, then tts_text_pad for every later step.
+    (Any Talker state with the reply-feed fields: this one's and `talker.qwen3_talker`'s.)"""
     state.reply_ended = True
 
 
-def _next_entry(state: TalkerState) -> Tensor | None:
+def next_reply_row(state) -> Tensor | None:
+    """The text-track row of the next step: a pushed reply row, else (reply ended) the eos row once, then the pad
+    row; None while waiting for the Thinker. Shared by both Talker families (`pending`, `reply_ended`, `eos_fed`,
+    `eos_row`, `pad_row` on their states)."""
     if state.pending:
         return state.pending.popleft()
     if not state.reply_ended:
@@ -329,7 +333,7 @@ def talker_step(talker: Talker, state: TalkerState, sampler) -> int | None:
     if state.finished:
         return None
     if state.logits is None:
-        entry = _next_entry(state)
+        entry = next_reply_row(state)
         if entry is None:
             return None
         row = entry + talker.model.embed_tokens(state.last_token)[0]  # (Ht,)

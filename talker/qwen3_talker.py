@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omnivox.talker.code_predictor import CodePredictor, CodePredictorConfig, predict_residual_codes
+from omnivox.talker.model import next_reply_row, talker_end_reply  # noqa: F401 (also this module's API)
 from omnivox.talker.qwen3_layers import (Qwen3Attention, Qwen3DecoderConfig, allocate_cache, check_rows,
                                          rope_axes, rope_cos_sin, rope_inv_freq)
 from omnivox.thinker.model import KVCache, MLP, RMSNorm, text_positions
@@ -440,22 +441,6 @@ def talker_push_reply(talker: Qwen3Talker, state: Qwen3TalkerState, token_id: in
     state.pending.append(project_text(talker, state.thinker_embed_tokens, [int(token_id)])[0])  # (H,)
 
 
-def talker_end_reply(state: Qwen3TalkerState) -> None:
-    """The Thinker finished (EOS sampled or its limit reached; that last token is not pushed)."""
-    state.reply_ended = True
-
-
-def _next_text_row(state: Qwen3TalkerState) -> Tensor | None:
-    if state.pending:
-        return state.pending.popleft()
-    if not state.reply_ended:
-        return None
-    if not state.eos_fed:
-        state.eos_fed = True
-        return state.eos_row
-    return state.pad_row
-
-
 @torch.no_grad()
 def talker_step(talker: Qwen3Talker, state: Qwen3TalkerState, sampler, predictor_sampler,
                 on_logits=None) -> Tensor | None:
@@ -468,7 +453,7 @@ def talker_step(talker: Qwen3Talker, state: Qwen3TalkerState, sampler, predictor
     if state.finished:
         return None
     if state.logits is None:
-        text = _next_text_row(state)
+        text = next_reply_row(state)
         if text is None:
             return None
         row = (state.codec_row + text)[None, None]  # (1, 1, H)
