@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omnivox.talker.code_predictor import CodePredictor, CodePredictorConfig, predict_residual_codes
-from omnivox.talker.model import next_reply_row, talker_end_reply  # noqa: F401 (also this module's API)
+from omnivox.talker.model import next_reply_row, talker_end_reply  # talker_end_reply: also this module's API
 from omnivox.talker.qwen3_layers import (Qwen3Attention, Qwen3DecoderConfig, allocate_cache, check_rows,
                                          rope_axes, rope_cos_sin, rope_inv_freq)
 from omnivox.thinker.model import KVCache, MLP, RMSNorm, text_positions
