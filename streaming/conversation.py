@@ -24,8 +24,9 @@ How it stays exact:
 - The Talker's prompt for a turn is the whole history: per cached token its id (its Thinker embedding, zeroed at
   media placeholders, is recomputed from it by `talker_prefill`), its position ids and its last-layer hidden state
   are kept beside the KV cache and rewound with it (hidden states only when the checkpoint has a Talker).
-- Memory. The cache starts at 256 positions and doubles (reallocate and copy) as the history grows, up to the
-  model's `max_position_embeddings`; a history or reply past that raises ValueError. Media parts are encoded once
+- Memory. The cache starts at 256 positions and doubles (reallocate and copy) as the history grows, up to
+  `max_tokens` (the model's `max_position_embeddings`, or less: a server's per-session context). Media parts are
+  encoded once
   when added and their encoder rows kept, so a re-prefill after an edit never re-encodes. `tokens` and `nbytes`
   let a server enforce per-session limits.
 - Streaming audio. `begin_audio` prefills the user turn up to `<|audio_bos|>`, `push_audio` encodes each finished
@@ -39,14 +40,25 @@ How it stays exact:
   keeps exactly the text behind the audio the listener heard (50 codes per second).
 - While a reply is being generated the cache belongs to it: edits and audio pushes made meanwhile change the
   items at once but touch the cache only after the reply ends.
+- Context limit (the Realtime API's `truncation`). When the history (+ the reply's max_new_tokens) would not fit
+  in `max_tokens`, `truncation="auto"` drops the oldest items (never the system prompt, never the latest item)
+  until it fits — or, with a retention ratio r, until it fits in r * max_tokens, so the next turns do not truncate
+  again at once — and the cache is rebuilt once from the first dropped row (the system prompt's rows stay; media
+  rows are kept, nothing is re-encoded). `truncation="disabled"` raises `ContextFull` instead. Dropped ids are
+  queued for the owner (`take_dropped`, safe from another thread).
+- Transcription. `transcribe(item_id, options)` answers an ASR prompt (Qwen2.5-Omni's: system "You are a speech
+  recognition model.", the user's audio then "Transcribe the audio into text.") over a user audio item's encoded
+  rows in a separate, throw-away cache: text only, the history's cache is not touched, nothing is re-encoded.
 
 Not thread-safe: call it from one thread (the server's model worker).
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import time
+from dataclasses import replace
 from typing import Iterator
 
 import numpy as np
@@ -64,6 +76,15 @@ from omnivox.thinker.positions import audio_token_count
 ROLES = ("user", "assistant", "system")
 MIN_CAPACITY = 256                  # first KV cache allocation (positions); doubled as the history grows
 CODES_PER_SECOND = 50               # Talker codes per second of speech (480 samples at 24 kHz each)
+TRUNCATION = ("auto", "disabled")   # or a retention ratio in (0, 1]
+# Qwen2.5-Omni's speech-recognition prompt (the model card's audio cookbook; it names the language when known:
+# "Transcribe the English audio into text without any punctuation marks.")
+ASR_SYSTEM_PROMPT = "You are a speech recognition model."
+ASR_INSTRUCTION = "Transcribe the audio into text."
+
+
+class ContextFull(ValueError):
+    """The history (+ the reply's max_new_tokens) does not fit in the context and truncation is off."""
 
 
 def _source_bytes(source) -> int:
@@ -81,11 +102,18 @@ def _source_bytes(source) -> int:
 class Conversation:
     """Chat history + the Thinker state of its rendering. See the module docstring."""
 
-    def __init__(self, omni, system: str | None = None):
+    def __init__(self, omni, system: str | None = None, max_tokens: int | None = None,
+                 truncation: str | float = "auto", keep_hidden: bool | None = None):
         self.omni = omni
         self.cfg = omni.config.text
         self.tok = omni.tokenizer
-        self.max_tokens = self.cfg.max_position_embeddings
+        limit = self.cfg.max_position_embeddings
+        if max_tokens is not None and not 0 < max_tokens <= limit:
+            raise ValueError(f"max_tokens must be in 1..{limit} (the model's context), got {max_tokens}")
+        self.max_tokens = max_tokens or limit
+        self.truncation = truncation            # "auto" | "disabled" | a retention ratio (see the module docstring)
+        self._dropped: collections.deque[str] = collections.deque()
+        self.rebuilds = 0                       # truncations that dropped items (each rebuilds the cache once)
         self._serial = 0
         self._items: list[Item] = []
         self._system: Item | None = None
@@ -93,7 +121,7 @@ class Conversation:
         self._stream_item: Item | None = None
         self._responding: Item | None = None
         self._dirty = True                      # the cache may differ from the history (cleared by a full sync)
-        self._keep_hidden = omni.talker is not None
+        self._keep_hidden = omni.talker is not None if keep_hidden is None else keep_hidden
         param = next(omni.thinker.parameters())
         self._dtype, self._device = param.dtype, omni.device
         self._planner = SegmentPlanner(omni, self._dtype, self._device)   # pieces, segment ids, encoded media
@@ -154,6 +182,13 @@ class Conversation:
         """Token ids in the KV cache."""
         return self._ids[0, :self.tokens].tolist() if self.cache is not None else []
 
+    def take_dropped(self) -> list[str]:
+        """Ids of the items truncation dropped since the last call (callable from any thread)."""
+        out = []
+        while self._dropped:
+            out.append(self._dropped.popleft())
+        return out
+
     # ------------------------------------------------------------------------------------------------------------
     # Editing
 
@@ -168,9 +203,11 @@ class Conversation:
         self._settle()
 
     @torch.inference_mode()
-    def add(self, role: str, parts: list[dict], item_id: str, after: str | None = None) -> None:
+    def add(self, role: str, parts: list[dict], item_id: str, after: str | None = None,
+            media: list[Media] | None = None) -> None:
         """Add a message. after=None appends (and prefills it now); else it goes after item `after` and the history
-        from there is re-prefilled at the next respond."""
+        from there is re-prefilled at the next respond. `media`: the parts' encoder rows, already computed (by
+        another conversation) instead of encoding them here."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         self._check_new_id(item_id)
@@ -182,7 +219,7 @@ class Conversation:
             if isinstance(p, dict) and p.get("type") == "text" and not isinstance(p.get("text"), str):
                 raise ValueError("a text part needs a string 'text'")
         item = Item(item_id, role, [dict(p) for p in parts], self._next_serial())
-        item.media = self._planner.encode_media(item.parts)
+        item.media = self._planner.encode_media(item.parts) if media is None else list(media)
         index = len(self._items) if after is None else self._index(after) + 1
         self._items.insert(index, item)
         try:
@@ -376,6 +413,32 @@ class Conversation:
                 finish()
 
     # ------------------------------------------------------------------------------------------------------------
+    # Transcription
+
+    def transcribe(self, item_id: str, options: GenerationOptions,
+                   instruction: str = ASR_INSTRUCTION) -> Iterator[TextDelta | Done]:
+        """The words of user item `item_id`'s audio: the ASR prompt over its encoded audio rows, answered in a
+        separate cache (events as `respond`, text only). The item is read now; the work runs as the generator is
+        advanced, so a scheduler can run it at low priority."""
+        item = self._items[self._index(item_id)]
+        if item.stream is not None:
+            raise ValueError(f"item {item_id!r} is still receiving audio (end_audio first)")
+        audio = [(p, m) for p, m in zip([p for p in item.parts if p["type"] in ("audio", "image", "video")],
+                                         item.media) if m.kind == "audio"]
+        if not audio:
+            raise ValueError(f"item {item_id!r} has no audio to transcribe")
+        parts = [dict(p) for p, _ in audio] + [{"type": "text", "text": instruction}]
+        media = [m for _, m in audio]
+        options = replace(options, audio=False)
+        check_options(self.omni, options)
+
+        def run():
+            asr = Conversation(self.omni, ASR_SYSTEM_PROMPT, truncation="disabled", keep_hidden=False)
+            asr.add("user", parts, "asr_audio", media=media)
+            yield from asr.respond(options, "asr_text")
+        return run()
+
+    # ------------------------------------------------------------------------------------------------------------
     # Items and the planned history (segments.py renders and tokenizes it)
 
     def _next_serial(self) -> int:
@@ -426,8 +489,7 @@ class Conversation:
         plan = self._plan(generation)
         total = sum(len(s.ids) for s in plan)
         if total + extra > self.max_tokens:
-            what = f"history ({total} tokens)" + (f" + max_new_tokens ({extra})" if extra else "")
-            raise ValueError(f"{what} exceeds the model's context of {self.max_tokens} tokens")
+            plan = self._make_room(total, extra, generation)
         i, p, valid = match(self._cached, plan)
         if need_logits and valid >= total:
             # everything is cached already: re-run the last token for its logits
@@ -451,6 +513,38 @@ class Conversation:
             self._cached[-1].ids = list(seg.ids)
         self._dirty = generation                 # the assistant header is not part of the history
         return logits
+
+    def _make_room(self, total: int, extra: int, generation: bool) -> list[Segment]:
+        """Drop the oldest items so that the history + `extra` fits (module docstring); -> the new plan."""
+        what = f"the conversation ({total} tokens)" + (f" + max_new_tokens ({extra})" if extra else "")
+        if self.truncation == "disabled":
+            raise ContextFull(f"{what} exceeds the context of {self.max_tokens} tokens and truncation is disabled: "
+                              "delete items or enable truncation")
+        history = self._history()
+        head = history[:1] if self._system is not None else []
+        body = history[len(head):]                  # the latest item is never dropped
+        limit = self.max_tokens - extra
+        target = limit
+        if not isinstance(self.truncation, str):   # keep a fraction of the post-instruction budget
+            fixed = sum(len(s.ids) for s in self._planner.plan(head, False)) if head else 0
+            target = fixed + int(float(self.truncation) * (limit - fixed))
+        best = None
+        for k in range(1, len(body)):
+            plan = self._planner.plan(head + body[k:], generation)
+            size = sum(len(s.ids) for s in plan)
+            if size <= limit:
+                best = (k, plan)
+                if size <= target:
+                    break
+        if best is None:
+            raise ContextFull(f"{what} exceeds the context of {self.max_tokens} tokens even with only the system "
+                              "prompt and the latest item kept")
+        k, plan = best
+        for item in body[:k]:
+            self._items.remove(item)
+            self._dropped.append(item.id)
+        self.rebuilds += 1
+        return plan
 
     def _prefill(self, embeds: Tensor, positions: Tensor, ids: list[int]) -> Tensor:
         """Append rows: embeds (T, H), positions (3, T) -> logits (1, V) of the last one."""

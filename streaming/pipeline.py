@@ -66,6 +66,10 @@ class GenerationOptions:
     # Observer of the raw fp32 logits each token is chosen from: on_logits("thinker" | "talker", logits (1, V)),
     # called on the generating thread right before each sample (parity checks, debugging); None: no cost.
     on_logits: "Callable[[str, torch.Tensor], None] | None" = None
+    # Cancel: stop() is asked before every Thinker token, every Talker code and every token2wav push; once it
+    # returns True the generator ends at once, WITHOUT a Done event (a server passes its cancel flag's is_set, so
+    # a cancelled turn stops within the one step in flight). None: never stopped.
+    stop: "Callable[[], bool] | None" = None
 
 
 @dataclass
@@ -189,7 +193,7 @@ class Speech:
             if prefixes is not None:
                 prefixes.store_talker(self.prompt_ids, self.state.cache, self.prompt_ids.shape[1], media)
         # None means "waiting for the next reply entry" before the end, "finished" after it
-        while (code := talker_step(self.omni.talker, self.state, self.sampler)) is not None:
+        while not self.stopped() and (code := talker_step(self.omni.talker, self.state, self.sampler)) is not None:
             self.codes.append(code)
             if code <= self.max_code:  # a stray control id (never EOS, which ends the loop) is not speech
                 self.pending.append(code)
@@ -198,9 +202,12 @@ class Speech:
             if len(self.pending) >= self.options.codes_per_push:
                 return  # a group for token2wav is ready: the caller synthesizes it before more Talker work
 
+    def stopped(self) -> bool:
+        return self.options.stop is not None and self.options.stop()
+
     def audio(self) -> Iterator[AudioChunk]:
         """token2wav on the codes sampled so far, in groups of `codes_per_push`; yields the audio that became final."""
-        while len(self.pending) >= self.options.codes_per_push:
+        while len(self.pending) >= self.options.codes_per_push and not self.stopped():
             yield from self._push(self.options.codes_per_push)
 
     def end(self) -> Iterator[AudioChunk]:
@@ -212,9 +219,13 @@ class Speech:
             return
         talker_end_reply(self.state)
         while not self.state.finished:
+            if self.stopped():
+                return
             self.talk()
             yield from self.audio()
         yield from self.audio()
+        if self.stopped():
+            return
         yield from self._push(len(self.pending))
         yield from self._emit(self.driver.finish(self.wave))
 
@@ -322,8 +333,11 @@ def decode_reply(omni, options: GenerationOptions, logits: torch.Tensor, prompt_
     pool = ThreadPoolExecutor(1, thread_name_prefix="omnivox-thinker") \
         if speech is not None and options.overlap else None
     feed_there = _same_grad_mode(thinker.feed)
+    stop = options.stop or (lambda: False)
     try:
         while not thinker.done:
+            if stop():
+                return                                                     # cancelled: no Done
             token = thinker.sample()
             if token in thinker.eos:
                 break
@@ -352,6 +366,8 @@ def decode_reply(omni, options: GenerationOptions, logits: torch.Tensor, prompt_
         t_text = time.perf_counter()
         if speech is not None:
             yield from audio(speech.end())
+        if stop():
+            return
     finally:
         if pool is not None:
             pool.shutdown(wait=True)

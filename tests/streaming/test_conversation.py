@@ -294,3 +294,97 @@ def test_context_overflow_is_a_clear_error(omni):
         list(conv.respond(GenerationOptions(max_new_tokens=limit, sampling=GREEDY), "a0"))
     assert conv.items() == ["u0"]
     assert_respond_equals_fresh(conv, omni, "a0")
+
+
+# ------------------------------------------------------------------------------------------------ context limits
+def test_past_the_context_window_old_turns_are_dropped_and_the_cache_rebuilt_once(omni, prefilled):
+    """truncation='auto' (the Realtime default): a conversation driven far past a small window keeps the system
+    prompt and the latest turns, each truncation rebuilds the cache once (from the system prompt's end), and every
+    reply still equals `generate` on the history that remains."""
+    conv = Conversation(omni, system="Be brief.", max_tokens=160)
+    system_rows = len(history_ids(omni, [{"role": "system", "content": "Be brief."}]))
+    dropped_total = []
+    for turn in range(12):
+        conv.add("user", text(f"Question {turn}: the quick brown fox jumps over the lazy dog."), f"u{turn}")
+        assert conv.cached_ids() == history_ids(omni, conv.messages())
+        dropped_total += conv.take_dropped()
+        prefilled.clear()
+        rebuilds = conv.rebuilds
+        ours = reply(conv, f"a{turn}")
+        # the reply is the one `generate` gives on the history the truncation left (the new reply aside)
+        ref = fresh(omni, conv.messages()[:-1])
+        assert ours.token_ids == ref.token_ids and ours.prompt_tokens == ref.prompt_tokens
+        dropped = conv.take_dropped()
+        dropped_total += dropped
+        assert conv.tokens <= 160
+        if dropped:
+            assert conv.rebuilds == rebuilds + 1
+            # one rebuild: every row after the system prompt prefilled once, in one pass
+            assert sum(prefilled) == ours.prompt_tokens - system_rows
+            assert dropped == [i for i in [f"u{t}" if k % 2 == 0 else f"a{t}" for t in range(turn)
+                                            for k in range(2)] if i in dropped]
+        else:
+            assert sum(prefilled) < 40           # only the new message and the header
+    assert dropped_total and dropped_total[:2] == ["u0", "a0"]   # oldest first
+    assert conv.messages()[0] == {"role": "system", "content": "Be brief."}
+    assert conv.items()[-2:] == ["u11", "a11"] and set(conv.items()).isdisjoint(dropped_total)
+
+
+def test_retention_ratio_drops_more_so_the_next_turns_fit(omni):
+    conv = Conversation(omni, system="Be brief.", max_tokens=200, truncation=0.5)
+    rebuilds_at = []
+    for turn in range(10):
+        before = conv.rebuilds
+        conv.add("user", text(f"Question {turn}: the quick brown fox jumps over the lazy dog."), f"u{turn}")
+        reply(conv, f"a{turn}")
+        if conv.rebuilds > before:
+            rebuilds_at.append(turn)
+            assert conv.tokens <= 200 // 2 + 40   # about half the budget is left after a truncation
+    assert len(rebuilds_at) >= 2
+    # after a truncation to half the budget, the next turn does not truncate again
+    assert all(b - a > 1 for a, b in zip(rebuilds_at, rebuilds_at[1:]))
+
+
+def test_truncation_disabled_is_a_clear_error_and_changes_nothing(omni):
+    conv = Conversation(omni, system="Be brief.", max_tokens=120, truncation="disabled")
+    conv.add("user", text("the quick brown fox jumps over the lazy dog " * 2), "u0")
+    reply(conv, "a0")
+    with pytest.raises(conversation_module.ContextFull, match="truncation is disabled"):
+        for turn in range(1, 10):
+            conv.add("user", text("the quick brown fox jumps over the lazy dog " * 2), f"u{turn}")
+            reply(conv, f"a{turn}")
+    assert conv.items()[:2] == ["u0", "a0"] and not conv.take_dropped()
+    ids = conv.cached_ids()                     # (a reply's closing rows are prefilled lazily)
+    assert ids == history_ids(omni, conv.messages())[:len(ids)]
+
+
+# ------------------------------------------------------------------------------------------------ transcription
+def test_transcribe_is_the_asr_prompt_on_the_items_audio_and_leaves_the_history_alone(omni, prefilled):
+    clip = tone(2.3, 16000)
+    conv = Conversation(omni, system=SPEECH_SYSTEM_PROMPT)
+    conv.begin_audio("u0")
+    for k in range(0, len(clip), 3200):
+        conv.push_audio(clip[k:k + 3200])
+    conv.end_audio()
+    ids = conv.cached_ids()
+    encoded = []
+    real = omni.thinker.audio_tower.encode
+    omni.thinker.audio_tower.encode = lambda *a, **k: (encoded.append(1), real(*a, **k))[1]
+    try:
+        options = GenerationOptions(max_new_tokens=12, sampling=GREEDY, audio=True)  # audio is turned off
+        events = list(conv.transcribe("u0", options))
+    finally:
+        del omni.thinker.audio_tower.encode
+    done = events[-1]
+    assert not encoded                                  # the item's encoder rows are reused
+    assert not any(isinstance(e, AudioChunk) for e in events) and done.codec_ids == []
+    asr = [{"role": "system", "content": conversation_module.ASR_SYSTEM_PROMPT},
+           {"role": "user", "content": [{"type": "audio", "audio": clip},
+                                        {"type": "text", "text": conversation_module.ASR_INSTRUCTION}]}]
+    ref = fresh(omni, asr, GenerationOptions(max_new_tokens=12, sampling=GREEDY))
+    assert done.token_ids == ref.token_ids and done.prompt_tokens == ref.prompt_tokens
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == done.text
+    assert conv.cached_ids() == ids and conv.items() == ["u0"]   # the conversation is untouched
+    with pytest.raises(ValueError, match="no audio"):
+        conv.add("user", text("hi"), "u1")
+        conv.transcribe("u1", options)
