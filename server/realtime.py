@@ -36,7 +36,7 @@ from omnivox.server.engine import EngineBusy
 from omnivox.server.realtime_audio import ENCODER_RATE, InputTimeline, audio_turn
 from omnivox.server.realtime_events import (BETA_NAMES, GA_NAMES, MAX_EVENT_BYTES, MIN_COMMIT_MS, ClientError,
                                      SessionSettings, decode_frame, decode_pcm16, default_turn_detection, error_event,
-                                     event_type, get_field, message_item, new_id, output_part, parse_item,
+                                     event_part, event_type, get_field, message_item, new_id, output_part, parse_item,
                                      parse_response_params, parse_session_update, pcm16_to_float, response_object,
                                      response_status, session_object, usage_object)
 from omnivox.streaming.conversation import Conversation
@@ -517,7 +517,7 @@ class RealtimeSession:
                              "item": item})
             await self.send({"type": "conversation.item.added", "previous_item_id": prev, "item": item})
             await self.send({"type": "conversation.item.created", "previous_item_id": prev, "item": item})
-            await self.send({"type": "response.content_part.added", **ids, "part": output_part(audio, self.beta, "")})
+            await self.send({"type": "response.content_part.added", **ids, "part": event_part(audio, "")})
             try:
                 async for ev in stream:
                     if resp.cancelled.is_set():
@@ -556,7 +556,7 @@ class RealtimeSession:
             else:
                 await self.send({"type": "response.output_text.done", **ids, "text": text})
             part = output_part(audio, self.beta, text)
-            await self.send({"type": "response.content_part.done", **ids, "part": part})
+            await self.send({"type": "response.content_part.done", **ids, "part": event_part(audio, text)})
             final = dict(item, status="completed" if status == "completed" else "incomplete", content=[part])
             self.items[resp.item_id]["item"] = final
             await self.send({"type": "response.output_item.done", "response_id": resp.id, "output_index": 0,

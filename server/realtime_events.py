@@ -424,10 +424,16 @@ def message_item(item_id: str, role: str, status: str, content: list) -> dict:
 
 
 def output_part(audio: bool, beta: bool, text: str) -> dict:
-    """An assistant content part: spoken (its transcript) or text, named as the client's API version names it."""
+    """An assistant item's content part: spoken (its transcript) or text, named as the client's API version names it
+    (GA items say output_audio/output_text)."""
     if audio:
         return {"type": "audio" if beta else "output_audio", "transcript": text}
     return {"type": "text" if beta else "output_text", "text": text}
+
+
+def event_part(audio: bool, text: str) -> dict:
+    """The part of response.content_part.added/.done: the schema allows only "audio" or "text" there, GA and beta."""
+    return {"type": "audio", "transcript": text} if audio else {"type": "text", "text": text}
 
 
 def response_object(response_id: str, session_id: str, status: str, modalities, voice, max_tokens, output=(),

@@ -217,3 +217,25 @@ def test_multi_turn_session_keeps_the_kv_cache_across_turns(server):
             # the server's item list mirrors the conversation's: user, assistant, user, assistant
             assert conv.items() == list(session.items) and len(conv.items()) == 4
     run(main())
+
+
+def test_content_part_events_validate_against_the_ga_schema(server):
+    """response.content_part.added/.done carry part.type "audio" or "text" (the schema's only values) while the
+    item itself says output_audio/output_text; strict clients validate both with the openai package's models."""
+    from openai.types.realtime import RealtimeServerEvent
+    from pydantic import TypeAdapter
+    strict = TypeAdapter(RealtimeServerEvent)
+
+    async def main():
+        async with server.client().realtime.connect(model="omnivox-tiny") as conn:
+            await until(conn, "session.created")
+            done, log = await text_turn(conn)
+            parts = [e for e in log if e.type.startswith("response.content_part.")]
+            assert [e.type for e in parts] == ["response.content_part.added", "response.content_part.done"]
+            for ev in parts:
+                strict.validate_python(ev.model_dump(exclude_unset=True))
+                assert ev.part.type == "audio"
+            item = next(e for e in log if e.type == "response.output_item.done").item
+            assert item.content[0].type == "output_audio"
+            strict.validate_python(done.model_dump(exclude_unset=True))
+    run(main())
