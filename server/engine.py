@@ -9,6 +9,12 @@ torch already spreads each op over the cores, so two threads running the model a
   worker advances every active stream by ONE event per round (round-robin), so several sessions interleave a
   token or a DiT block at a time and none waits for another's whole answer.
 
+Background streams (`stream(..., background=True)`: a user turn's transcription) have the lowest priority: they are
+admitted without taking an active slot or counting toward the busy limit, and a round steps one of them only when
+no foreground stream could be stepped (none active, or all waiting for their consumer, e.g. paced audio). So they
+fill the gaps of a reply that is played at real time and delay a foreground turn by at most the one background step
+in flight when it becomes ready.
+
 Each loop of the worker: close cancelled streams -> run the jobs queued so far -> admit waiting streams up to
 `max_active` -> one round over the active streams. Cancellations go first so that a job submitted right after a
 cancel (barge-in: the next user turn) never runs while the cancelled turn's generator is still open.
@@ -39,8 +45,9 @@ _END = object()  # sentinel: the stream is over (completed, cancelled or failed)
 
 class _Stream:
     def __init__(self, make_gen: Callable[[], Iterator], cancel: threading.Event, max_buffered: int,
-                 loop: asyncio.AbstractEventLoop):
+                 loop: asyncio.AbstractEventLoop, background: bool = False):
         self.make_gen = make_gen
+        self.background = background
         self.cancel = cancel
         self.max_buffered = max_buffered
         self.loop = loop
@@ -140,16 +147,17 @@ class Engine:
         return await fut
 
     def stream(self, make_gen: Callable[[], Iterator], cancel: threading.Event,
-               max_buffered: int = 64) -> AsyncIterator:
+               max_buffered: int = 64, background: bool = False) -> AsyncIterator:
         """Start a turn (see the module docstring). Raises EngineBusy when over the limits."""
         if self._thread is None or self._closing:
             raise RuntimeError("the engine is not running")
         if max_buffered < 1:
             raise ValueError("max_buffered must be >= 1")
-        s = _Stream(make_gen, cancel, max_buffered, asyncio.get_running_loop())
+        s = _Stream(make_gen, cancel, max_buffered, asyncio.get_running_loop(), background)
         with self._lock:
-            live = sum(not x.cancel.is_set() for x in self._active) + sum(not x.cancel.is_set() for x in self._waiting)
-            if live >= self.max_active + self.max_queued:
+            live = sum(not x.cancel.is_set() and not x.background for x in self._active) + \
+                sum(not x.cancel.is_set() and not x.background for x in self._waiting)
+            if not background and live >= self.max_active + self.max_queued:
                 raise EngineBusy(f"the server is busy ({self.max_active} active and {self.max_queued} queued "
                                  "responses); try again shortly")
             self._waiting.append(s)
@@ -161,8 +169,8 @@ class Engine:
         closes once the step in flight (one token, or one token2wav block) returns; jobs: short jobs waiting."""
         with self._lock:
             closing = sum(s.cancel.is_set() for s in self._active) + sum(s.cancel.is_set() for s in self._waiting)
-            return {"active": sum(not s.cancel.is_set() for s in self._active),
-                    "queued": sum(not s.cancel.is_set() for s in self._waiting),
+            return {"active": sum(not s.cancel.is_set() and not s.background for s in self._active),
+                    "queued": sum(not s.cancel.is_set() and not s.background for s in self._waiting),
                     "closing": closing, "jobs": len(self._jobs)}
 
     # ------------------------------------------------------------------------------------------------ worker
@@ -217,9 +225,11 @@ class Engine:
             # 3. admit waiting streams
             while True:
                 with self._lock:
-                    if len(self._active) >= self.max_active or not self._waiting:
+                    slots = self.max_active - sum(not x.background for x in self._active)
+                    s = next((x for x in self._waiting if x.background or slots > 0), None)
+                    if s is None:
                         break
-                    s = self._waiting.popleft()
+                    self._waiting.remove(s)
                 busy = True
                 t0 = time.perf_counter()
                 try:
@@ -232,17 +242,22 @@ class Engine:
                     s.busy_s += time.perf_counter() - t0
                 with self._lock:
                     self._active.append(s)
-            # 4. one round: one event per active stream whose buffer has room
+            # 4. one round: one event per active foreground stream whose buffer has room; one background
+            # stream's event only when no foreground stream was stepped
             with self._lock:
-                active = list(self._active)
+                active = [s for s in self._active if not s.background] + [s for s in self._active if s.background]
+            stepped = False
             for s in active:
                 if s.cancel.is_set():
                     busy = True  # closed at the top of the next loop
+                    continue
+                if s.background and stepped:
                     continue
                 with self._lock:
                     room = s.outstanding < s.max_buffered
                 if not room:
                     continue
+                stepped = True
                 busy = True
                 t0 = time.perf_counter()
                 try:

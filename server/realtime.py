@@ -20,7 +20,17 @@ Three coroutines per session:
   response task, which stalls the engine stream (its buffer fills): memory stays bounded.
 Barge-in: `speech_started` during a response (interrupt_response) sets the turn's cancel events: no more audio is
 sent from that moment, the engine closes the generator at its next round, `response.done` says cancelled.
-`conversation.item.truncate` then rewinds the assistant item to what the listener heard.
+`conversation.item.truncate` then rewinds the assistant item to what the listener heard. The turn is also handed
+the cancel flag as `GenerationOptions.stop`, so generation stops within the one step (a token, a Talker code or a
+token2wav block) in flight, and no audio of a response is sent after its `response.done`.
+Input audio transcription (`audio.input.transcription` / beta `input_audio_transcription`, off by default): each
+committed user audio turn is transcribed by the loaded model (`Conversation.transcribe`, the ASR prompt over the
+item's encoded audio, text only) as a background engine stream, submitted after the turn's response, so it runs
+in the gaps the paced reply leaves and never takes a step from it; `...input_audio_transcription.delta` /
+`.completed` (or `.failed`) follow, and the item's `input_audio` part then carries the transcript.
+Context limit: the conversation's cache is at most `SessionLimits.max_context_tokens` (the model's context by
+default); past it the session's `truncation` ("auto" by default) drops the oldest items (announced with
+`conversation.item.deleted`), "disabled" fails the response with `context_length_exceeded`.
 """
 
 from __future__ import annotations
@@ -38,8 +48,8 @@ from omnivox.server.realtime_events import (BETA_NAMES, GA_NAMES, MAX_EVENT_BYTE
                                      SessionSettings, decode_frame, decode_pcm16, default_turn_detection, error_event,
                                      event_part, event_type, get_field, message_item, new_id, output_part, parse_item,
                                      parse_response_params, parse_session_update, pcm16_to_float, response_object,
-                                     response_status, session_object, usage_object)
-from omnivox.streaming.conversation import Conversation
+                                     response_status, session_object, transcription_usage, usage_object)
+from omnivox.streaming.conversation import ASR_INSTRUCTION, ContextFull, Conversation
 from omnivox.streaming.decoding import checkpoint_sampling
 from omnivox.streaming.pipeline import (SAMPLE_RATE, SPEECH_SYSTEM_PROMPT, AudioChunk, Done, GenerationOptions,
                                         TextDelta)
@@ -60,6 +70,7 @@ class SessionLimits:
     audio_lead_s: float | None = 0.5            # pacing: audio sent ahead of real time; None: no pacing
     outgoing_queue: int = 256                   # events waiting for the socket
     stream_buffer: int = 16                     # engine events buffered per response
+    max_context_tokens: int | None = None       # the conversation's KV cache (None: the model's context)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,6 +80,22 @@ def _respond(conv, system: str | None, options: GenerationOptions, item_id: str)
     if conv.system != system:
         conv.set_system(system)
     return conv.respond(options, item_id)
+
+
+LANGUAGES = {"en": "English", "zh": "Chinese", "de": "German", "fr": "French", "es": "Spanish", "it": "Italian",
+             "ja": "Japanese", "ko": "Korean", "ru": "Russian", "pt": "Portuguese", "ar": "Arabic", "nl": "Dutch"}
+
+
+def asr_instruction(language: str | None) -> str:
+    """The ASR prompt's text, naming the language when the client gave one (as the model card's prompt does)."""
+    if not language:
+        return ASR_INSTRUCTION
+    return f"Transcribe the {LANGUAGES.get(language.lower(), language)} audio into text."
+
+
+def conv_truncation(setting) -> str | float:
+    """The session's `truncation` as the conversation's policy."""
+    return setting if isinstance(setting, str) else setting["retention_ratio"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,7 +129,9 @@ class RealtimeSession:
                                         instructions="", voice=default_voice,
                                         turn_detection=default_turn_detection())
         self.sampling = checkpoint_sampling(self.omni.config.generation)
-        self.conv = Conversation(self.omni, None)
+        self.conv = Conversation(self.omni, None, max_tokens=limits.max_context_tokens)
+        self.asr_queue: asyncio.Queue = asyncio.Queue()   # committed user audio items to transcribe
+        self.asr_task: asyncio.Task | None = None
         self.items: dict[str, dict] = {}        # item id -> its server-side description (in conversation order)
         self.out: asyncio.Queue = asyncio.Queue(maxsize=limits.outgoing_queue)
         self.response: _Response | None = None
@@ -150,6 +179,7 @@ class RealtimeSession:
     async def run(self) -> None:
         sender = asyncio.create_task(self._sender())
         receiver = asyncio.create_task(self._receive_loop())
+        self.asr_task = asyncio.create_task(self._transcriber())
         try:
             await self.send({"type": "session.created", "session": self.session_object()})
             remaining = self.limits.max_session_s - (time.monotonic() - self.t_created)
@@ -163,7 +193,7 @@ class RealtimeSession:
         except Exception:  # noqa: BLE001 - socket gone while sending
             pass
         finally:
-            await self.shutdown(sender, receiver)
+            await self.shutdown(sender, receiver, self.asr_task)
 
     async def _drain(self) -> None:
         while not self.out.empty():
@@ -211,7 +241,8 @@ class RealtimeSession:
             except EngineBusy as e:
                 await self.error("server_busy", str(e), None, event_id, type_="server_error")
             except ValueError as e:  # the conversation refused an edit (e.g. past the model's context)
-                await self.error("invalid_request", str(e), None, event_id)
+                code = "context_length_exceeded" if isinstance(e, ContextFull) else "invalid_request"
+                await self.error(code, str(e), None, event_id)
             except Exception as e:  # noqa: BLE001 - one failed event must not end the session
                 await self.error("internal_error", f"{type(e).__name__}: {e}", None, event_id, type_="server_error")
 
@@ -239,6 +270,9 @@ class RealtimeSession:
         new, td_given = parse_session_update(sess, self.settings, self.speakers, self.can_speak)
         # everything validated: apply at once (a bad update changes nothing)
         self.settings = new
+        conv, policy = self.conv, conv_truncation(new.truncation)
+        if conv.truncation != policy:
+            await self.engine.call(setattr, conv, "truncation", policy)
         if td_given:
             await self._abandon_turn()
             self._new_vad()
@@ -283,6 +317,7 @@ class RealtimeSession:
                 samples = tl.slice(self.pushed, limit)
                 self.pushed = limit
                 await self.engine.call(self.conv.push_audio, samples)
+                await self._announce_dropped()
         else:
             keep = (td["prefix_padding_ms"] + 1500) * ENCODER_RATE // 1000
             tl.trim_before(tl.end - keep)
@@ -304,7 +339,7 @@ class RealtimeSession:
         await self.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": audio_end_ms,
                          "item_id": self.turn_item})
         t_end = time.monotonic()
-        await self._finish_turn(end)
+        item_id = await self._finish_turn(end)
         old = self.response
         if old is not None and old.reason is not None and old.task is not None:
             await asyncio.wait({old.task})  # a barged-in response is still winding down
@@ -312,20 +347,22 @@ class RealtimeSession:
         self.turn_start = self.timeline.base
         if td is None or td.get("create_response", True):
             await self.start_response({}, t_end_of_turn=t_end)
+        self._queue_transcription(item_id)      # after the response: it must not take a step from it
 
-    async def _finish_turn(self, end: int) -> None:
+    async def _finish_turn(self, end: int) -> str | None:
         item_id, self.turn_item = self.turn_item, None
         samples = self.timeline.slice(self.pushed, end)
         nothing = self.pushed <= self.turn_start and not len(samples)
         self.pushed = end
         if nothing:  # no audio at all (a commit right at the start): drop the empty item
             await self.engine.call(self.conv.delete, item_id)
-            return
+            return None
         if len(samples):
             await self.engine.call(self.conv.push_audio, samples)
         await self.engine.call(self.conv.end_audio)
         await self._item_committed(item_id, [{"type": "input_audio", "transcript": None}],
                                    audio_ms=(end - self.turn_start) * 1000 // ENCODER_RATE)
+        return item_id
 
     async def _item_committed(self, item_id: str, content: list, audio_ms: int) -> None:
         prev = self._last_item()
@@ -341,9 +378,78 @@ class RealtimeSession:
         return ids[-1] if ids else None
 
     async def _announce_item(self, item: dict, prev: str | None) -> None:
+        await self._announce_dropped()
         await self.send({"type": "conversation.item.added", "previous_item_id": prev, "item": item})
         await self.send({"type": "conversation.item.created", "previous_item_id": prev, "item": item})
         await self.send({"type": "conversation.item.done", "previous_item_id": prev, "item": item})
+
+    async def _announce_dropped(self) -> None:
+        """Items the conversation dropped to stay within its context (truncation) leave the session too."""
+        for item_id in self.conv.take_dropped() if self.conv is not None else ():
+            if self.items.pop(item_id, None) is not None:
+                await self.send({"type": "conversation.item.deleted", "item_id": item_id})
+
+    # ------------------------------------------------------------------------------------------------ transcription
+    def _queue_transcription(self, item_id: str | None) -> None:
+        if item_id is not None and self.settings.transcription is not None:
+            self.asr_queue.put_nowait(item_id)
+
+    async def _transcriber(self) -> None:
+        """Transcribe committed user audio items one at a time, in commit order."""
+        while True:
+            item_id = await self.asr_queue.get()
+            if self.response is None:
+                # a manual commit is usually followed by response.create: let it reach the engine first
+                await asyncio.sleep(0.2)
+            try:
+                await self._transcribe(item_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - reported on the item, the session goes on
+                await self.send({"type": "conversation.item.input_audio_transcription.failed", "item_id": item_id,
+                                 "content_index": 0, "error": {"type": "server_error", "code": "transcription_failed",
+                                                               "message": f"{type(e).__name__}: {e}",
+                                                               "param": None}})
+
+    async def _transcribe(self, item_id: str) -> None:
+        entry = self.items.get(item_id)
+        if entry is None:  # deleted (or truncated away) before its turn came
+            return
+        conv, setting = self.conv, self.settings.transcription or {}
+        # greedy (the checkpoint's penalty kept); ~3 words per second of speech leaves room in 16 + 8 tokens/s
+        seconds = entry["audio_ms"] / 1000
+        options = GenerationOptions(max_new_tokens=min(self.limits.max_output_tokens, 16 + int(8 * seconds)),
+                                    sampling=replace(self.sampling, greedy=True))
+        instruction = asr_instruction(setting.get("language"))
+        info = {}
+
+        def make():
+            info["audio_tokens"] = conv.audio_tokens(item_id)
+            return conv.transcribe(item_id, options, instruction)
+
+        stream = self.engine.stream(make, threading.Event(), background=True)
+        text, done = "", None
+        try:
+            async for ev in stream:
+                if isinstance(ev, TextDelta):
+                    delta = ev.text if text else ev.text.lstrip()
+                    if delta:
+                        text += delta
+                        await self.send({"type": "conversation.item.input_audio_transcription.delta",
+                                         "item_id": item_id, "content_index": 0, "delta": delta})
+                elif isinstance(ev, Done):
+                    done = ev
+        finally:
+            await stream.aclose()
+        if done is None:
+            return
+        entry = self.items.get(item_id)
+        if entry is not None:  # the item now carries the user's words
+            part = entry["item"]["content"][0]
+            entry["item"]["content"][0] = dict(part, transcript=text)
+        await self.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": item_id,
+                         "content_index": 0, "transcript": text,
+                         "usage": transcription_usage(done, info.get("audio_tokens", 0))})
 
     async def _abandon_turn(self) -> None:
         """Drop a half-spoken turn (clear, or turn detection changed)."""
@@ -359,7 +465,7 @@ class RealtimeSession:
         tl = self.timeline
         if self.turn_item is not None:  # server VAD mid-turn: the client ends the turn now
             tl.flush()
-            await self._finish_turn(tl.end)
+            self._queue_transcription(await self._finish_turn(tl.end))
             tl.clear()
             self.turn_start = tl.base
             if self.vad is not None:
@@ -379,6 +485,7 @@ class RealtimeSession:
         tl.clear()
         self.turn_start = self.pushed = tl.end
         await self._item_committed(item_id, [{"type": "input_audio", "transcript": None}], audio_ms)
+        self._queue_transcription(item_id)
 
     async def on_clear(self, event: dict) -> None:
         await self._abandon_turn()
@@ -485,11 +592,12 @@ class RealtimeSession:
         sampling = self.sampling
         if s.temperature is not None and not sampling.greedy:
             sampling = replace(sampling, temperature=s.temperature)
+        cancel = threading.Event()
         options = GenerationOptions(max_new_tokens=max_new, sampling=sampling, audio=audio, speaker=voice,
-                                    max_codec_tokens=self.limits.max_codec_tokens)
+                                    max_codec_tokens=self.limits.max_codec_tokens, stop=cancel.is_set)
         system = self.system_prompt(instructions if instructions is not None else s.instructions, audio)
         item_id = new_id("item")
-        resp = _Response(id=new_id("resp"), item_id=item_id, cancel=threading.Event(),
+        resp = _Response(id=new_id("resp"), item_id=item_id, cancel=cancel,
                          cancelled=asyncio.Event(), t_request=time.monotonic(), t_end_of_turn=t_end_of_turn)
         conv = self.conv
         # raises EngineBusy at once (-> server_busy error, no response starts)
@@ -520,8 +628,9 @@ class RealtimeSession:
             await self.send({"type": "response.content_part.added", **ids, "part": event_part(audio, "")})
             try:
                 async for ev in stream:
+                    await self._announce_dropped()
                     if resp.cancelled.is_set():
-                        continue  # drain to the end: the engine closes the generator at its next round
+                        continue  # drain to the end: the generator stops at its next step
                     if isinstance(ev, TextDelta):
                         text_parts.append(ev.text)
                         kind = "response.output_audio_transcript.delta" if audio else "response.output_text.delta"
@@ -546,6 +655,7 @@ class RealtimeSession:
                         done = ev
             except Exception as e:  # noqa: BLE001 - a failed turn is reported, the session goes on
                 failure = e
+            await self._announce_dropped()
             status, details = response_status(resp.reason, failure, done)
             text = "".join(text_parts)
             audio_ms = samples_sent * 1000 // SAMPLE_RATE

@@ -28,6 +28,7 @@ import numpy as np
 import soxr
 
 from omnivox.server.realtime_audio import ENCODER_RATE
+from omnivox.streaming.conversation import ContextFull
 from omnivox.streaming.pipeline import SAMPLE_RATE
 
 MAX_EVENT_BYTES = 15 * 1024 * 1024
@@ -164,6 +165,8 @@ class SessionSettings:
     turn_detection: dict | None                 # None: manual commit (no server VAD)
     max_output_tokens: int | str = "inf"
     temperature: float | None = None
+    transcription: dict | None = None           # input audio transcription ({model, language, prompt}); None: off
+    truncation: str | dict = "auto"             # "auto" | "disabled" | {"type": "retention_ratio", ...}
 
 
 def default_turn_detection() -> dict:
@@ -252,12 +255,50 @@ def check_audio_format(value, param: str) -> None:
         raise ClientError("invalid_value", f"'{param}' must be {{'type': 'audio/pcm', 'rate': 24000}}", param)
 
 
+def parse_transcription(value, param: str) -> dict | None:
+    """An input audio transcription setting (null turns it off). The loaded model itself transcribes: `model` is
+    echoed and otherwise ignored; `language` (ISO-639-1) names the language in the ASR prompt; `prompt` is kept
+    for the client and not used."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ClientError("invalid_type", f"'{param}' must be an object or null", param)
+    out = {}
+    for key in ("model", "language", "prompt"):
+        v = get_field(value, key, str, f"{param}.{key}")
+        if v is not None:
+            out[key] = v
+    return out
+
+
+def parse_truncation(value, param: str):
+    """'auto', 'disabled' or {'type': 'retention_ratio', 'retention_ratio': r} (0 < r <= 1)."""
+    if value in ("auto", "disabled"):
+        return value
+    if isinstance(value, str):
+        raise ClientError("invalid_value", f"'{param}' must be 'auto', 'disabled' or a retention_ratio object",
+                          param)
+    if not isinstance(value, dict):
+        raise ClientError("invalid_type", f"'{param}' must be a string or an object", param)
+    kind = get_field(value, "type", str, f"{param}.type", required=True)
+    if kind != "retention_ratio":
+        raise ClientError("invalid_value", f"'{param}.type' must be 'retention_ratio'", f"{param}.type")
+    ratio = get_field(value, "retention_ratio", (int, float), f"{param}.retention_ratio", required=True)
+    if not 0 < ratio <= 1:
+        raise ClientError("invalid_value", f"'{param}.retention_ratio' must be in (0, 1]",
+                          f"{param}.retention_ratio")
+    if value.get("token_limits") is not None:
+        raise ClientError("invalid_value", f"'{param}.token_limits' is not supported (the server's context "
+                          "limit applies)", f"{param}.token_limits")
+    return {"type": "retention_ratio", "retention_ratio": float(ratio)}
+
+
 def parse_session_update(sess: dict, s: SessionSettings, speakers: list[str],
                          can_speak: bool) -> tuple[SessionSettings, bool]:
     """A `session.update`'s session object over the current settings -> (new settings, turn_detection given)."""
     new = SessionSettings(list(s.output_modalities), s.instructions, s.voice,
                           None if s.turn_detection is None else dict(s.turn_detection), s.max_output_tokens,
-                          s.temperature)
+                          s.temperature, s.transcription, s.truncation)
     td_given = False
     kind = get_field(sess, "type", str, "session.type")
     if kind not in (None, "realtime"):
@@ -290,6 +331,13 @@ def parse_session_update(sess: dict, s: SessionSettings, speakers: list[str],
         new.turn_detection = parse_turn_detection(sess["turn_detection"], "session.turn_detection",
                                                   s.turn_detection)
         td_given = True
+    if "transcription" in ain:
+        new.transcription = parse_transcription(ain["transcription"], "session.audio.input.transcription")
+    if "input_audio_transcription" in sess:  # beta
+        new.transcription = parse_transcription(sess["input_audio_transcription"],
+                                                "session.input_audio_transcription")
+    if sess.get("truncation") is not None:
+        new.truncation = parse_truncation(sess["truncation"], "session.truncation")
     if aout.get("voice") is not None:
         new.voice = parse_voice(aout["voice"], "session.audio.output.voice", speakers)
     if sess.get("voice") is not None:
@@ -408,11 +456,13 @@ def session_object(s: SessionSettings, session_id: str, model_id: str, beta: boo
     fmt = {"type": "audio/pcm", "rate": SAMPLE_RATE}
     obj = {"type": "realtime", "object": "realtime.session", "id": session_id, "model": model_id,
            "output_modalities": list(s.output_modalities), "instructions": s.instructions,
-           "audio": {"input": {"format": fmt, "turn_detection": td, "transcription": None},
+           "audio": {"input": {"format": fmt, "turn_detection": td, "transcription": s.transcription},
                      "output": {"format": fmt, "voice": s.voice, "speed": 1.0}},
-           "max_output_tokens": s.max_output_tokens, "tools": [], "tool_choice": "auto", "expires_at": expires_at}
+           "max_output_tokens": s.max_output_tokens, "tools": [], "tool_choice": "auto", "expires_at": expires_at,
+           "truncation": s.truncation}
     if beta:  # beta clients read the flat fields
-        obj.update(modalities=["text", "audio"] if "audio" in s.output_modalities else ["text"],
+        obj.update(input_audio_transcription=s.transcription,
+                   modalities=["text", "audio"] if "audio" in s.output_modalities else ["text"],
                    voice=s.voice, turn_detection=td, input_audio_format="pcm16", output_audio_format="pcm16",
                    max_response_output_tokens=s.max_output_tokens)
     return obj
@@ -451,12 +501,23 @@ def response_status(cancel_reason: str | None, failure: Exception | None, done) 
     `Done` it may have reached; a `Done` that stopped at its token limit is incomplete."""
     if cancel_reason is not None:
         return "cancelled", {"type": "cancelled", "reason": cancel_reason}
+    if isinstance(failure, ContextFull):
+        return "failed", {"type": "failed", "error": {"type": "invalid_request_error",
+                                                      "code": "context_length_exceeded", "message": str(failure)}}
     if failure is not None:
         return "failed", {"type": "failed", "error": {"type": "server_error", "code": "generation_failed",
                                                       "message": f"{type(failure).__name__}: {failure}"}}
     if done is not None and done.finish_reason == "length":
         return "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
     return "completed", None
+
+
+def transcription_usage(done, audio_tokens: int) -> dict:
+    """The `usage` of an input audio transcription (token-billed shape)."""
+    out = len(done.token_ids)
+    return {"type": "tokens", "input_tokens": done.prompt_tokens, "output_tokens": out,
+            "total_tokens": done.prompt_tokens + out,
+            "input_token_details": {"text_tokens": done.prompt_tokens - audio_tokens, "audio_tokens": audio_tokens}}
 
 
 def usage_object(done) -> dict:

@@ -415,6 +415,12 @@ class Conversation:
     # ------------------------------------------------------------------------------------------------------------
     # Transcription
 
+    def audio_tokens(self, item_id: str) -> int:
+        """Audio placeholder tokens (encoder rows) of an item."""
+        item = self._items[self._index(item_id)]
+        rows = sum(m.rows.shape[0] for m in item.media if m.kind == "audio")
+        return rows + (item.stream.count if item.stream is not None else 0)
+
     def transcribe(self, item_id: str, options: GenerationOptions,
                    instruction: str = ASR_INSTRUCTION) -> Iterator[TextDelta | Done]:
         """The words of user item `item_id`'s audio: the ASR prompt over its encoded audio rows, answered in a

@@ -194,3 +194,26 @@ def test_busy_time_counts_worker_compute_not_consumer_waits(engine):
     out, busy = run(main())
     assert out == [0, 1, 2, 3]
     assert 0.18 <= busy <= 0.5, busy
+
+
+def test_background_streams_step_only_when_no_foreground_stream_can(engine):
+    """A transcription (background) never takes a step from a reply: while the reply can be stepped it waits; when
+    the reply's consumer is full (paced audio) it fills the gap; it takes no active slot and is never busy."""
+    log = []
+
+    async def main():
+        fg = engine.stream(counting("fg", 6, log), threading.Event(), max_buffered=3)
+        bg = engine.stream(counting("bg", 4, log), threading.Event(), background=True)
+        # the engine is full for foreground turns (max_active 2 + max_queued 1) but a background turn still starts
+        more = [engine.stream(counting(f"x{k}", 1, log), threading.Event()) for k in range(2)]
+        out_bg = await collect(bg)
+        assert out_bg == [f"bg{i}" for i in range(4)]
+        order = [n for n, _, _ in log]
+        # fg filled its buffer (3) before bg got a step; no bg step came while fg had room
+        first = order.index("bg")
+        assert order[:first].count("fg") == 3 and {"x0", "x1"} <= set(order[:first]), order
+        out_fg = await collect(fg)
+        assert out_fg == [f"fg{i}" for i in range(6)]
+        for m in more:
+            await collect(m)
+    run(main())
