@@ -27,6 +27,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """The decoding flags `omnivox ask` and demos/offline_qa.py share (streaming.decoding says what they mean)."""
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true",
+                      help="argmax decoding in the Thinker and the Talker, as the reference's do_sample=False: the "
+                           "repetition penalty still applies (the checkpoint's for the Thinker, 1.05 for the Talker)")
+    mode.add_argument("--temperature", type=float, default=None, help="Thinker sampling temperature")
+    p.add_argument("--top-p", type=float, default=None, help="Thinker nucleus sampling")
+    p.add_argument("--top-k", type=int, default=None, help="Thinker top-k sampling")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="repetition penalty of the Thinker and the Talker, greedy or sampled (1.0: none)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible runs)")
+    p.add_argument("--talker-codec-prompt", action="store_true",
+                   help="the reference's other Talker prompt (codec pad/bos rows, multimodal positions), as "
+                        "transformers 4 ran it; default: transformers 5's single-request generate (see README)")
+    p.add_argument("--fast-start", action="store_true",
+                   help="approximate: solve the first speech chunk with 4 ODE time points instead of 10, so "
+                        "the first audio comes sooner (later chunks stay exact; see README)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omnivox", description="Streaming runtime for Qwen2.5-Omni.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -42,28 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--use-audio-in-video", action="store_true",
                      help="also listen to the videos' audio tracks (interleaved with the frames)")
     ask.add_argument("--max-new-tokens", type=positive_int, default=512)
-    mode = ask.add_mutually_exclusive_group()
-    mode.add_argument("--greedy", action="store_true",
-                      help="argmax decoding in the Thinker and the Talker, as the reference's do_sample=False: the "
-                           "repetition penalty still applies (the checkpoint's for the Thinker, 1.05 for the Talker)")
-    mode.add_argument("--temperature", type=float, default=None, help="Thinker sampling temperature")
-    ask.add_argument("--top-p", type=float, default=None, help="Thinker nucleus sampling")
-    ask.add_argument("--top-k", type=int, default=None, help="Thinker top-k sampling")
-    ask.add_argument("--repetition-penalty", type=float, default=None,
-                     help="repetition penalty of the Thinker and the Talker, greedy or sampled (1.0: none)")
-    ask.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible runs)")
+    add_sampling_arguments(ask)
     ask.add_argument("--no-audio", action="store_true", help="text only: skip the Talker and token2wav weights")
     ask.add_argument("--out", default=None, metavar="WAV",
                      help="speak the answer into this 24 kHz WAV file, written as the audio is produced")
     ask.add_argument("--speaker", default=None, help="voice from the checkpoint's spk_dict.pt (default Chelsie)")
     ask.add_argument("--max-codec-tokens", type=positive_int, default=4096,
                      help="Talker limit (50 codec tokens per second of speech)")
-    ask.add_argument("--talker-codec-prompt", action="store_true",
-                     help="the reference's other Talker prompt (codec pad/bos rows, multimodal positions), as "
-                          "transformers 4 ran it; default: transformers 5's single-request generate (see README)")
-    ask.add_argument("--fast-start", action="store_true",
-                     help="approximate: solve the first speech chunk with 4 ODE time points instead of 10, so "
-                          "the first audio comes sooner (later chunks stay exact; see README)")
     ask.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     ask.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     ask.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -85,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-session-seconds", type=positive_int, default=3600)
     serve.add_argument("--max-output-tokens", type=positive_int, default=1024, help="Thinker tokens per response")
     serve.add_argument("--max-codec-tokens", type=positive_int, default=4096, help="Talker codes per response")
+    serve.add_argument("--max-context-tokens", type=positive_int, default=None,
+                       help="a conversation's KV cache at most (default: the model's context); older turns are "
+                            "dropped past it")
     serve.add_argument("--no-audio", action="store_true", help="text only: skip the Talker and token2wav weights")
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -102,8 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sampling(args, generation: dict):
-    """(Thinker, Talker) SamplingParams for `ask` (streaming.decoding says what the flags mean)."""
+def sampling_from_args(args, generation: dict):
+    """(Thinker, Talker) SamplingParams from the add_sampling_arguments flags (streaming.decoding: their meaning)."""
     from omnivox.streaming.decoding import talker_sampling, thinker_sampling
 
     thinker = thinker_sampling(generation, greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
@@ -129,7 +137,8 @@ def resolve_device(name: str) -> str:
 FAST_START_STEPS = 4  # ODE time points for the first DiT window with --fast-start (3 RK4 steps instead of 9)
 
 
-def _stream_options(args):
+def stream_options(args):
+    """token2wav StreamOptions for --fast-start (None: the exact defaults)."""
     if not args.fast_start:
         return None  # the exact defaults
     from omnivox.talker.token2wav import StreamOptions
@@ -158,12 +167,12 @@ def cmd_ask(args) -> int:
     omni = load(args.model, device=resolve_device(args.device), dtype=args.dtype, audio=speech)
     if speech:
         resolve_speaker(omni, args.speaker)
-    sampling, talker_sampling = _sampling(args, omni.config.generation)
+    sampling, talker_sampling = sampling_from_args(args, omni.config.generation)
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, sampling=sampling,
                                 use_audio_in_video=args.use_audio_in_video, audio=speech, speaker=args.speaker,
                                 talker_sampling=talker_sampling, max_codec_tokens=args.max_codec_tokens,
                                 talker_codec_prompt=args.talker_codec_prompt,
-                                token2wav=_stream_options(args))
+                                token2wav=stream_options(args))
     system = args.system if args.system is not None else (SPEECH_SYSTEM_PROMPT if speech else None)
     messages = user_messages(args.text, system, audios=args.audio, images=args.image, videos=args.video)
     done, wav = None, None
@@ -221,7 +230,7 @@ def cmd_serve(args) -> int:
         raise InputError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     omni = load(args.model, device=resolve_device(args.device), dtype=args.dtype, audio=not args.no_audio)
     limits = SessionLimits(max_session_s=args.max_session_seconds, max_output_tokens=args.max_output_tokens,
-                           max_codec_tokens=args.max_codec_tokens)
+                           max_codec_tokens=args.max_codec_tokens, max_context_tokens=args.max_context_tokens)
     options = ServerOptions(host=args.host, port=args.port, api_key=args.api_key,
                             allow_origins=tuple(args.allow_origin), max_sessions=args.max_sessions,
                             max_active=args.max_active, max_queued=args.max_queued, limits=limits)

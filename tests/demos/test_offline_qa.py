@@ -1,13 +1,18 @@
 """demos/offline_qa.py and demos/api_example.py run as a user runs them (a subprocess on a tiny checkpoint): one JSON
-line and one 24 kHz WAV per question, the same turn as `omnivox ask`, CSV input, bad files reported and skipped
-while the batch goes on (exit 1), bad arguments refused before any work (exit 2)."""
+line and one 24 kHz WAV per question, the same turn as `omnivox ask`, CSV and JSONL manifests, bad files reported
+and skipped while the batch goes on (exit 1), an interrupted batch resumed to the same answers, bad arguments
+refused before any work (exit 2)."""
 
 import csv
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from io import StringIO
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +108,7 @@ def test_video_answer_is_the_same_turn_as_omnivox_ask(batch, media, tmp_path):
     np.testing.assert_array_equal(sf.read(ours["audio"])[0], sf.read(str(wav))[0])
 
 
-def test_csv_mode_reads_paths_beside_the_csv(batch, media, tmp_path):
+def test_csv_manifest_reads_paths_beside_it(batch, media, tmp_path):
     table = media["dir"] / "questions.csv"
     with open(table, "w", newline="") as fh:
         csv.writer(fh).writerows([["file", "question"], ["speech.wav", "Who speaks?"],
@@ -111,7 +116,7 @@ def test_csv_mode_reads_paths_beside_the_csv(batch, media, tmp_path):
     write_image(media["dir"] / "pic.png", 40, 30)
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
-    r = run_demo("offline_qa.py", "--model", media["model"], "--csv", table, "--out-dir", "out", "--no-audio",
+    r = run_demo("offline_qa.py", "--model", media["model"], "--manifest", table, "--out-dir", "out", "--no-audio",
                  "--no-audio-in-video", *LIMITS, cwd=elsewhere)
     assert r.returncode == 0, r.stderr
     records = read_jsonl(elsewhere / "out" / "answers.jsonl")
@@ -127,12 +132,12 @@ def test_csv_mode_reads_paths_beside_the_csv(batch, media, tmp_path):
 def test_csv_without_header_keeps_commas_in_questions(qa, media):
     table = media["dir"] / "plain.csv"
     table.write_text("# comment\nspeech.wav,Loud, or quiet?\n\n,Just text\n")
-    items = qa.items_from_csv(str(table))
-    assert [(i.file, i.path, i.question) for i in items] == [("speech.wav", media["wav"], "Loud, or quiet?"),
-                                                             ("", None, "Just text")]
+    items = qa.items_from_manifest(str(table))
+    assert [(i.files, i.paths, i.question) for i in items] == [(["speech.wav"], [media["wav"]], "Loud, or quiet?"),
+                                                               ([], [], "Just text")]
     table.write_text("speech.wav\n")
     with pytest.raises(qa.UsageError, match="line 1"):
-        qa.items_from_csv(str(table))
+        qa.items_from_manifest(str(table))
 
 
 def test_missing_and_corrupt_files_are_reported_and_the_batch_goes_on(media):
@@ -159,10 +164,12 @@ def test_missing_and_corrupt_files_are_reported_and_the_batch_goes_on(media):
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "one of the arguments --question --csv is required"),
+    ([], "one of the arguments --question --manifest is required"),
     (["--question", "Hi"], "needs at least one FILE"),
-    (["--question", "Hi", "--csv", "x.csv", "a.wav"], "not allowed with"),
-    (["--csv", "nowhere.csv"], "cannot read nowhere.csv"),
+    (["--question", "Hi", "--manifest", "x.csv", "a.wav"], "not allowed with"),
+    (["--manifest", "nowhere.csv"], "cannot read nowhere.csv"),
+    (["--question", "Hi", "a.wav", "--resume", "--overwrite"], "not allowed with"),
+    (["--question", "Hi", "a.wav", "--greedy", "--temperature", "0.7"], "not allowed with"),
     (["--question", "Hi", "a.wav", "--speaker", "Zed"], "Chelsie, Ethan"),
 ])
 def test_bad_arguments_exit_2_with_one_line(media, args, message, tmp_path):
@@ -206,5 +213,164 @@ def test_a_folder_stands_for_the_media_files_in_it(qa, media, tmp_path):
     for name in ["b.wav", "sub/a.mp4", ".hidden.wav", "notes.txt"]:
         (tmp_path / name).write_bytes(media["wav"].read_bytes())
     items = qa.items_from_files([str(tmp_path), str(media["mp4"])], "Q?")
-    assert [i.path for i in items] == [tmp_path / "b.wav", tmp_path / "sub" / "a.mp4", media["mp4"]]
+    assert [i.paths for i in items] == [[tmp_path / "b.wav"], [tmp_path / "sub" / "a.mp4"], [media["mp4"]]]
     assert {i.question for i in items} == {"Q?"}
+
+
+@pytest.fixture(scope="module")
+def twenty(media):
+    """A JSONL manifest over 20 generated files (audio, images, videos; one two-file row, one row with its own
+    system prompt), the 10th file broken."""
+    d = media["dir"] / "twenty"
+    d.mkdir()
+    rows = []
+    for i in range(1, 21):
+        kind = ("wav", "png", "mp4", "flac")[i % 4]
+        name = f"f{i:02d}.{kind}"
+        if i == 10:
+            (d / name).write_bytes(b"RIFF\x24\x08\x00\x00WAVEfmt " + os.urandom(300))
+        elif kind == "png":
+            write_image(d / name, 20 + i, 16 + i, seed=i)
+        elif kind == "mp4":
+            write_video(d / name, 6 + i % 3, fps=10, audio_sr=16000)
+        else:
+            write_wav(d / name, 0.3 + 0.05 * i, sr=(16000, 22050)[i % 2], freq=200.0 + 30 * i)
+        row = {"id": f"q{i:02d}", "file": name, "question": f"Question {i}: what is in it?"}
+        if i == 7:
+            row = {"id": "q07", "files": [name, "f01.png" if (d / "f01.png").exists() else "f02.png"],
+                   "question": "Compare these two."}
+        if i == 13:
+            row["system"] = "You are a terse assistant."
+        rows.append(row)
+    manifest = d / "questions.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+def _wait_for_lines(path: Path, n: int, proc, timeout=240):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never reached {n} lines (exit {proc.poll()})")
+
+
+def test_manifest_of_20_files_one_broken_interrupted_and_resumed(media, twenty, tmp_path):
+    common = ["--model", media["model"], "--manifest", twenty, *LIMITS]
+    full = tmp_path / "full"
+    r = run_demo("offline_qa.py", *common, "--out-dir", full)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    expected = read_jsonl(full / "answers.jsonl")
+    assert [x["id"] for x in expected] == [f"q{i:02d}" for i in range(1, 21)]
+    assert [x["index"] for x in expected] == list(range(1, 21))
+    broken = [x for x in expected if "error" in x]
+    assert [x["id"] for x in broken] == ["q10"] and "f10.mp4" in broken[0]["error"]
+    assert "answered 19 of 20 questions" in r.stderr and "1 failed" in r.stderr
+    for x in expected:
+        if "error" not in x:
+            assert_wav(x["audio"], x["audio_seconds"])
+            assert set(x["timings"]) >= {"first_token_ms", "first_audio_ms", "total_ms", "wall_s"}
+    assert expected[6]["kinds"] == ["audio", "image"] and "file" not in expected[6]       # the two-file row
+    assert expected[12]["system"] == "You are a terse assistant."
+    # its own system prompt is shorter than the speech prompt the other rows get
+    assert expected[12]["prompt_tokens"] < expected[16]["prompt_tokens"]
+
+    # the same batch interrupted (Ctrl-C) after a few answers, then resumed
+    out = tmp_path / "cut"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("OMNIVOX_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, str(DEMOS / "offline_qa.py"), *map(str, common), "--out-dir", str(out)],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for_lines(out / "answers.jsonl", 5, proc)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err, err
+    before = (out / "answers.jsonl").read_text().splitlines()
+    assert 5 <= len(before) < 20
+    # no WAV of the question the interruption cut off is left half-written
+    assert len(list(out.glob("*.wav"))) == sum("audio" in json.loads(x) for x in before)
+
+    again = run_demo("offline_qa.py", *common, "--out-dir", out)
+    assert again.returncode == 2 and "--resume" in again.stderr          # answers are never overwritten silently
+    other = run_demo("offline_qa.py", *common, "--out-dir", out, "--resume", "--max-new-tokens", "5")
+    assert other.returncode == 2 and "max_new_tokens" in other.stderr
+
+    resumed = run_demo("offline_qa.py", *common, "--out-dir", out, "--resume")
+    assert resumed.returncode == 1, resumed.stderr
+    n_before = sum("error" not in json.loads(x) for x in before)
+    assert f"{n_before} answered before, {20 - n_before} to go" in resumed.stderr
+    records = read_jsonl(out / "answers.jsonl")
+    answered_before = [json.loads(x) for x in before if "error" not in json.loads(x)]
+    assert records[:len(answered_before)] == answered_before              # kept as they were
+    by_id = {x["id"]: x for x in records}
+    assert len(records) == 20 and sorted(by_id) == [x["id"] for x in expected]
+    for x in expected:
+        y = by_id[x["id"]]
+        assert ("error" in y) == ("error" in x)
+        if "error" not in x:
+            assert (y["answer"], y["prompt_tokens"], y["codec_tokens"]) == (x["answer"], x["prompt_tokens"],
+                                                                            x["codec_tokens"])
+            np.testing.assert_array_equal(sf.read(y["audio"])[0], sf.read(x["audio"])[0])
+    # a second resume finds everything answered except the broken file, which it tries again
+    last = run_demo("offline_qa.py", *common, "--out-dir", out, "--resume")
+    assert last.returncode == 1 and "19 answered before, 1 to go" in last.stderr
+
+
+def test_sampling_flags_are_the_ones_of_omnivox_ask(qa):
+    args = qa.parse_args(["--model", "m", "--question", "Q", "a.wav", "--temperature", "0.7", "--top-p", "0.9",
+                          "--top-k", "20", "--seed", "3", "--repetition-penalty", "1.2", "--talker-codec-prompt",
+                          "--fast-start"])
+    batch = qa.Batch(SimpleNamespace(config=SimpleNamespace(generation={})), args)
+    s, t = batch.options.sampling, batch.options.talker_sampling
+    assert (s.greedy, s.temperature, s.top_p, s.top_k, s.seed, s.repetition_penalty) == (False, 0.7, 0.9, 20, 3, 1.2)
+    assert (t.seed, t.repetition_penalty) == (3, 1.2)
+    assert batch.options.talker_codec_prompt and batch.options.token2wav.first_steps == 4
+    greedy = qa.Batch(SimpleNamespace(config=SimpleNamespace(generation={})),
+                      qa.parse_args(["--model", "m", "--question", "Q", "a.wav", "--greedy"]))
+    assert greedy.options.sampling.greedy and greedy.options.talker_sampling.greedy
+    assert greedy.options.token2wav is None
+
+
+def test_progress_bar_on_a_terminal(qa):
+    stream = StringIO()
+    bar = qa.Progress(total=20, skipped=5, mode="bar", stream=stream)
+    item = qa.Item(["clip.mp4"], [Path("clip.mp4")], "Q")
+    bar.start(6, item)
+    bar.finish(item, "1.0 s", ok=True)
+    bar.start(7, item)
+    bar.finish(item, "error: broken", ok=False)
+    bar.close()
+    text = stream.getvalue()
+    assert "\r[" in text and " 5/20 " in text and " 7/20 " in text and "1 failed" in text and "eta " in text
+    assert "clip.mp4: error: broken\n" in text                            # an error stays above the bar
+    lines = qa.Progress(total=2, skipped=0, mode="lines", stream=StringIO())
+    lines.start(1, item)
+    lines.finish(item, "0.5 s (4 tokens)", ok=True)
+    assert lines.stream.getvalue() == "[1/2] clip.mp4 ... 0.5 s (4 tokens)\n"
+
+
+def test_manifest_rows_are_checked_before_any_work(qa, tmp_path):
+    bad = [('{"file": "a.wav"}', "question is missing"), ('{"files": "a.wav", "question": "Q"}', None),
+           ('[1, 2]', "expected an object"), ('{"file": "a", "files": ["b"], "question": "Q"}', "not both"),
+           ('{"files": [1], "question": "Q"}', "list of paths"), ('nonsense {', None)]
+    for line, message in bad:
+        path = tmp_path / "m.jsonl"
+        path.write_text('{"file": "ok.wav", "question": "fine"}\n' + line + "\n")
+        if message is None and line.startswith('{"files": "a.wav"'):
+            assert [i.files for i in qa.items_from_manifest(str(path))] == [["ok.wav"], ["a.wav"]]
+            continue
+        with pytest.raises(qa.UsageError, match="line 2" if message is None else message):
+            qa.items_from_manifest(str(path))
+    dup = tmp_path / "d.jsonl"
+    dup.write_text('{"id": "x", "question": "A"}\n{"id": "x", "question": "B"}\n')
+    with pytest.raises(qa.UsageError, match="'x' is given to more than one"):
+        qa.assign_keys(qa.items_from_manifest(str(dup)))
+    twice = [qa.Item(["a.wav"], [Path("a.wav")], "Q"), qa.Item(["a.wav"], [Path("a.wav")], "Q")]
+    qa.assign_keys(twice)
+    assert twice[0].key != twice[1].key and twice[1].key.endswith("#2")
+    table = tmp_path / "m.csv"
+    table.write_text("id,files,question,system\nr1,a.wav; b.png,Both?,Be brief.\nr2,,Text only?,\n")
+    items = qa.items_from_manifest(str(table))
+    assert [(i.id, i.files, i.question, i.system) for i in items] == [
+        ("r1", ["a.wav", "b.png"], "Both?", "Be brief."), ("r2", [], "Text only?", None)]
