@@ -94,7 +94,13 @@ export class VoiceApp {
     this.el.voice.addEventListener("change", () => this.chooseVoice(this.el.voice.value));
     if (this.el.apiKey) {
       this.el.apiKey.value = sessionStorage.getItem("omnivox.apiKey") || "";
-      this.el.apiKey.addEventListener("change", () => sessionStorage.setItem("omnivox.apiKey", this.el.apiKey.value.trim()));
+      // kept for this tab only (sessionStorage), never in localStorage; a new key reloads the voice list
+      this.el.apiKey.addEventListener("change", () => {
+        sessionStorage.setItem("omnivox.apiKey", this.el.apiKey.value.trim());
+        this.clearNotice("auth");
+        this.clearNotice("voices");
+        this.loadVoices();
+      });
     }
     this.loadVoices();
     this.setState("idle");
@@ -106,6 +112,12 @@ export class VoiceApp {
     const sel = this.el.voice;
     try {
       const r = await fetch("/v1/voices", { headers: this.authHeaders() });
+      if (r.status === 401) {
+        sel.replaceChildren(new Option("default", ""));
+        sel.disabled = true;
+        this.notice("voices", this.keyProblem(), "warn");
+        return;
+      }
       if (!r.ok) throw new Error(`HTTP ${r.status}`);
       const { voices = [], default: dflt } = await r.json();
       const saved = localStorage.getItem("omnivox.voice");
@@ -117,6 +129,34 @@ export class VoiceApp {
       sel.disabled = true;
       this.notice("voices", `Could not load the voice list (${e.message}); the server's default voice is used.`, "warn");
     }
+  }
+
+  keyProblem() {
+    return this.el.apiKey && this.el.apiKey.value.trim()
+      ? "The server refused this API key: check it under Settings → API key."
+      : "This server needs an API key: enter it under Settings → API key, then press Start.";
+  }
+
+  /** Ask the server whether our key (if any) is accepted before opening the microphone; false when refused.
+   * A websocket refused at the handshake only reports code 1006 to a page, so this is where a bad key shows. */
+  async authorized() {
+    let r;
+    try {
+      r = await fetch("/v1/models", { headers: this.authHeaders() });
+    } catch {
+      return true; // the server is unreachable: the connection's own reconnect notice says so
+    }
+    if (r.status !== 401) {
+      this.clearNotice("auth");
+      return true;
+    }
+    this.fail("auth", this.keyProblem());
+    if (this.el.apiKey) {
+      const settings = this.el.apiKey.closest("details");
+      if (settings) settings.open = true;
+      this.el.apiKey.focus();
+    }
+    return false;
   }
 
   authHeaders() {
@@ -148,11 +188,18 @@ export class VoiceApp {
     this.running = true;
     this.el.start.disabled = true;
     this.clearNotice("mic");
-    this.engine = new AudioEngine({
+    const engine = new AudioEngine({
       onChunk: (pcm, rms) => this.onMicChunk(pcm, rms),
       onPlayback: (m) => this.onPlayback(m),
     });
-    this.engine.createContext(); // still inside the click: the browser lets this context play sound
+    engine.createContext(); // still inside the click: the browser lets this context play sound
+    if (!(await this.authorized())) {
+      await engine.close();
+      this.running = false;
+      this.el.start.disabled = false;
+      return;
+    }
+    this.engine = engine;
     try {
       this.stream = await openMedia({ video: this.video });
     } catch (e) {

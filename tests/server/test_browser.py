@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from browser_support import CHROMIUM, chromium_args, write_turn_wav, write_y4m
-from speechlike import speechlike, to_pcm16
+from speechlike import silence, speechlike, to_pcm16, write_wav
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
@@ -45,6 +45,12 @@ def server(omni):
 def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("fake_media")
     return write_turn_wav(d / "turn.wav"), write_y4m(d / "camera.y4m")
+
+
+@pytest.fixture(scope="module")
+def quiet_mic(tmp_path_factory):
+    """A fake microphone that only hears silence: speech comes from speak_over when a test wants it."""
+    return write_wav(tmp_path_factory.mktemp("quiet") / "quiet.wav", silence(30.0, 48000), 48000)
 
 
 @pytest.fixture
@@ -185,6 +191,102 @@ def test_server_error_and_lost_connection_are_shown_and_the_page_reconnects(omni
         wait_for(page, f"window.omnivox.connected && window.omnivox.sessionId && window.omnivox.sessionId !== '{first}'", 10)
         assert page.locator("#transcript .note").count() >= 1
         shot(page, "reconnected")
+
+
+def test_mute_sends_silence_so_the_server_hears_nothing_until_unmuted(server, quiet_mic, open_page):
+    page = open_page(server.base + "/", quiet_mic)
+    assert page.get_attribute("#mute", "disabled") is not None            # nothing to mute before Start
+    page.click("#start")
+    wait_for(page, "window.omnivox.connected && window.omnivox.sessionId", 10)
+    page.click("#mute")
+    assert page.inner_text("#mute") == "Unmute" and page.get_attribute("#mute", "aria-pressed") == "true"
+    assert page.evaluate("document.body.classList.contains('muted')")
+    sent = hook(page)["sentAudioMs"]
+    speak_over(page, seconds=1.5)                                         # the person talks while muted
+    time.sleep(3.0)
+    h = hook(page)
+    # the microphone stream goes on (silence keeps the server's timeline running) but no speech reaches it
+    assert h["sentAudioMs"] > sent + 2500, h
+    assert h["events"].get("input_audio_buffer.speech_started", 0) == 0, h
+    assert page.evaluate("getComputedStyle(document.querySelector('#level')).getPropertyValue('--level').trim()") \
+        == "0"
+    page.click("#mute")
+    assert page.inner_text("#mute") == "Mute" and page.get_attribute("#mute", "aria-pressed") == "false"
+    speak_over(page, seconds=1.5, seed=4)
+    wait_for(page, "window.omnivox.events['input_audio_buffer.speech_started'] >= 1", 10)
+    h = hook(page)
+    assert h["lastError"] is None and "error" not in h["events"], h
+    assert not page.errors, page.errors
+    page.click("#start")                                                  # Stop: mute is off limits again
+    wait_for(page, "!window.omnivox.connected", 5)
+    assert page.get_attribute("#mute", "disabled") is not None
+    shot(page, "mute")
+
+
+def test_camera_off_stops_frames_and_the_track_and_camera_on_resumes_them(server, quiet_mic, media, open_page):
+    _, y4m = media
+    page = open_page(server.base + "/call", quiet_mic, y4m)
+    page.click("#start")
+    wait_for(page, "window.omnivox.connected && window.omnivox.sessionId", 10)
+    wait_for(page, "window.omnivox.framesSent >= 1", 10)                  # the first view goes at once
+    page.click("#camera")
+    assert page.inner_text("#camera") == "Camera on" and page.get_attribute("#camera", "aria-pressed") == "true"
+    assert page.evaluate("document.body.classList.contains('camera-off')")
+    track = "document.querySelector('#preview').srcObject.getVideoTracks()[0]"
+    assert page.evaluate(f"{track}.enabled") is False                    # the camera itself is switched off
+    frames = hook(page)["framesSent"]
+    speak_over(page, seconds=1.5)                                         # speech would send a fresh view
+    wait_for(page, "window.omnivox.events['input_audio_buffer.speech_started'] >= 1", 10)
+    time.sleep(2.0)
+    assert hook(page)["framesSent"] == frames, "a frame was sent with the camera off"
+    page.click("#camera")
+    assert page.inner_text("#camera") == "Camera off" and page.get_attribute("#camera", "aria-pressed") == "false"
+    assert page.evaluate(f"{track}.enabled") is True
+    wait_for(page, "window.omnivox.events['input_audio_buffer.speech_stopped'] >= 1", 10)
+    speak_over(page, seconds=1.5, seed=5)
+    wait_for(page, f"window.omnivox.framesSent > {frames}", 15)
+    h = hook(page)
+    assert h["lastError"] is None and "error" not in h["events"], h
+    assert not page.errors, page.errors
+    shot(page, "camera_toggle")
+
+
+def test_api_key_field_unlocks_a_server_that_needs_one(omni, quiet_mic, open_page):
+    options = ServerOptions(port=free_port(), api_key="s3cret-key", limits=SessionLimits(**LIMITS))
+    with LiveServer(omni, options) as server:
+        page = open_page(server.base + "/", quiet_mic)
+        # without a key: the voice list says why it is missing, Start explains instead of retrying forever
+        wait_for(page, "document.querySelector('#notices [data-key=voices]') !== null", 10)
+        assert "needs an API key" in page.inner_text("#notices [data-key=voices]")
+        page.click("#start")
+        wait_for(page, "window.omnivox.lastError !== null", 10)
+        assert "needs an API key" in hook(page)["lastError"]
+        assert page.evaluate("document.querySelector('details.settings').open")
+        assert page.evaluate("document.activeElement.id") == "api-key"
+        assert page.inner_text("#start") == "Start" and not hook(page)["connected"]
+        # a wrong key is refused and said so
+        page.fill("#api-key", "wrong")
+        page.dispatch_event("#api-key", "change")
+        page.click("#start")
+        wait_for(page, "window.omnivox.lastError.includes('refused this API key')", 10)
+        assert not hook(page)["connected"] and hook(page)["sentAudioMs"] == 0
+        # the right key: voices load, the session opens, the key stays in this tab only
+        page.fill("#api-key", "s3cret-key")
+        page.dispatch_event("#api-key", "change")
+        wait_for(page, "!document.querySelector('#voice').disabled", 10)
+        assert page.locator("#notices [data-key=voices]").count() == 0
+        assert page.locator("#notices [data-key=auth]").count() == 0
+        page.click("#start")
+        wait_for(page, "window.omnivox.connected && window.omnivox.sessionId", 10)
+        assert page.evaluate("sessionStorage.getItem('omnivox.apiKey')") == "s3cret-key"
+        assert "s3cret-key" not in page.evaluate("JSON.stringify(localStorage)")
+        page.click("#start")
+        page.reload()
+        page.wait_for_function("window.omnivox !== undefined", timeout=10000)
+        assert page.input_value("#api-key") == "s3cret-key"
+        wait_for(page, "!document.querySelector('#voice').disabled", 10)
+        assert not page.errors, page.errors
+        shot(page, "api_key")
 
 
 # audio crosses the Playwright boundary as base64 (a JSON array of samples takes seconds to serialize)
