@@ -1,12 +1,13 @@
 """The Qwen3-Omni Talker: an MoE decoder that speaks the Thinker's reply as codec frames (G codebooks per 80 ms).
 
 What is notable here:
-- Decoder: Qwen3 attention (q/k norm, interleaved multimodal RoPE; `qwen3_layers`) and in *every* layer a
-  sparse MoE block: a softmax router picks top-k of E experts (weights renormalised when `norm_topk_prob`), plus a
-  shared expert scaled by sigmoid(shared_expert_gate(x)). (The reference builds that block in every layer whatever
-  `mlp_only_layers` / `decoder_sparse_step` say, so we read and ignore them too.) Experts run grouped: the
-  token-expert pairs are sorted by expert and each active expert runs one GEMM over its tokens; there is no
-  per-token loop. Expert weights keep the checkpoint's per-expert names (`mlp.experts.{e}.gate_proj.weight`).
+- Decoder: Qwen3 attention (q/k norm, interleaved multimodal RoPE; `thinker/qwen3_layers`) and in *every* layer
+  a sparse MoE block (`thinker/moe.SparseMoE`): a softmax router picks top-k of E experts (weights renormalised
+  when `norm_topk_prob`), plus a shared expert scaled by sigmoid(shared_expert_gate(x)). (The reference builds
+  that block in every layer whatever `mlp_only_layers` / `decoder_sparse_step` say, so we read and ignore them
+  too.) Experts run grouped: the token-expert pairs are sorted by expert and each active expert runs one GEMM
+  over its tokens; there is no per-token loop. Expert weights keep the checkpoint's per-expert names
+  (`mlp.experts.{e}.gate_proj.weight`).
 - Inputs, re-stated from the reference's `Qwen3OmniMoeForConditionalGeneration.generate` (transformers 5.23).
   Only the Thinker's *input embeddings* e(x) (its `embed_tokens`) and, at audio/image/video placeholders, its
   hidden state h_L(x) after layer L = `accept_hidden_layer` are read; T(·) = `text_projection`, M(·) =
@@ -53,9 +54,10 @@ from torch import Tensor, nn
 
 from omnivox.talker.code_predictor import CodePredictor, CodePredictorConfig, predict_residual_codes
 from omnivox.talker.model import next_reply_row, talker_end_reply  # talker_end_reply: also this module's API
-from omnivox.talker.qwen3_layers import (Qwen3Attention, Qwen3DecoderConfig, allocate_cache, check_rows,
-                                         rope_axes, rope_cos_sin, rope_inv_freq)
-from omnivox.thinker.model import KVCache, MLP, RMSNorm, text_positions
+from omnivox.thinker.model import KVCache, RMSNorm, text_positions
+from omnivox.thinker.moe import MoEConfig, SparseMoE
+from omnivox.thinker.qwen3_layers import (Qwen3Attention, Qwen3DecoderConfig, allocate_cache, check_rows,
+                                          rope_axes, rope_cos_sin, rope_inv_freq)
 from omnivox.thinker.sampling import SamplingParams
 
 # The reference's `Qwen3OmniMoeForConditionalGeneration.generate(talker_*=...)` defaults (not in any config).
@@ -71,15 +73,6 @@ def talker_sampling(seed: int | None = None, greedy: bool = False) -> SamplingPa
     if greedy:
         return SamplingParams(greedy=True, seed=seed, repetition_penalty=d["repetition_penalty"])
     return SamplingParams(greedy=False, seed=seed, **d)
-
-
-@dataclass(frozen=True)
-class MoEConfig:
-    num_experts: int
-    top_k: int                      # num_experts_per_tok
-    intermediate_size: int          # moe_intermediate_size, per expert
-    shared_intermediate_size: int   # shared_expert_intermediate_size
-    norm_topk_prob: bool            # renormalise the top-k router weights to sum to 1
 
 
 @dataclass(frozen=True)
@@ -189,42 +182,6 @@ class ResizeMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_fc2(F.silu(self.linear_fc1(x)))
-
-
-class SparseMoE(nn.Module):
-    def __init__(self, hidden: int, moe: MoEConfig):
-        super().__init__()
-        self.moe = moe
-        self.gate = nn.Linear(hidden, moe.num_experts, bias=False)  # router
-        self.experts = nn.ModuleList(MLP(hidden, moe.intermediate_size) for _ in range(moe.num_experts))
-        self.shared_expert = MLP(hidden, moe.shared_intermediate_size)
-        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x (N, H) -> (N, H)."""
-        k = self.moe.top_k
-        logits = self.gate(x)  # (N, E)
-        probs = logits.softmax(-1, dtype=torch.float32)  # (N, E) fp32 like the reference
-        weights, experts = probs.topk(k, dim=-1)  # (N, k)
-        if self.moe.norm_topk_prob:
-            weights = weights / weights.sum(-1, keepdim=True)
-        weights = weights.to(x.dtype)
-        flat = experts.reshape(-1)  # (N*k,) expert of each token-expert pair
-        order = flat.argsort(stable=True)  # pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.moe.num_experts).tolist()  # one host sync per layer
-        token_of = order // k  # (N*k,) token of each sorted pair
-        w_sorted = weights.reshape(-1)[order]  # (N*k,)
-        out = torch.zeros_like(x)  # (N, H)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = token_of[start:start + n]  # (n,)
-            y = self.experts[e](x[rows]) * w_sorted[start:start + n, None]  # (n, H): one GEMM chain per expert
-            out.index_add_(0, rows, y)
-            start += n
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # (N, H)
-        return out + shared
 
 
 class TalkerLayer(nn.Module):

@@ -29,6 +29,16 @@ class Variant:
     seed: int = 0
     thinker_hidden: int = 32
     thinker_layers: int = 3
+    thinker_heads: int = 4
+    thinker_kv: int = 2
+    thinker_head_dim: int = 8
+    thinker_mrope: list = field(default_factory=lambda: [2, 1, 1])  # sums to thinker_head_dim // 2
+    thinker_experts: int = 4
+    thinker_top_k: int = 2
+    thinker_norm_topk_prob: bool = True
+    thinker_sparse_step: int = 1
+    thinker_mlp_only: list = field(default_factory=list)
+    deepstack_indexes: list = field(default_factory=lambda: [0, 1])   # vision layers feeding DeepStack
     accept_hidden_layer: int = 2
     talker_hidden: int = 32
     talker_layers: int = 2
@@ -63,9 +73,13 @@ VARIANTS = {
     "wide": Variant(name="wide", seed=1, experts=8, top_k=3, talker_heads=8, talker_kv=2, talker_head_dim=8,
                     talker_hidden=48, code_groups=6, codebook=48, predictor_heads=2, predictor_kv=1,
                     predictor_head_dim=16, talker_mrope=[2, 1, 1], accept_hidden_layer=3, norm_topk_prob=False,
-                    c2w_window=3, c2w_rates=[2, 5, 2], c2w_decoder_dim=48, c2w_heads=2),
+                    c2w_window=3, c2w_rates=[2, 5, 2], c2w_decoder_dim=48, c2w_heads=2,
+                    thinker_layers=4, thinker_heads=8, thinker_kv=2, thinker_experts=8, thinker_top_k=3,
+                    thinker_norm_topk_prob=False, thinker_mlp_only=[0], deepstack_indexes=[0, 1, 2]),
     "mha": Variant(name="mha", seed=2, experts=6, top_k=1, talker_heads=2, talker_kv=2, talker_head_dim=16,
-                   talker_mrope=[4, 2, 2], code_groups=3, codebook=40, talker_layers=3, c2w_window=8),
+                   talker_mrope=[4, 2, 2], code_groups=3, codebook=40, talker_layers=3, c2w_window=8,
+                   thinker_heads=2, thinker_kv=2, thinker_head_dim=16, thinker_mrope=[4, 2, 2], thinker_experts=6,
+                   thinker_top_k=1, thinker_sparse_step=2, deepstack_indexes=[1]),
 }
 
 
@@ -82,14 +96,18 @@ def build_config(v: Variant):
     ids = THINKER_IDS
     cid = codec_ids(v)
     th_text = dict(vocab_size=THINKER_VOCAB, hidden_size=v.thinker_hidden, intermediate_size=64,
-                   num_hidden_layers=v.thinker_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                   moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
-                   rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 1, 1],
+                   num_hidden_layers=v.thinker_layers, num_attention_heads=v.thinker_heads,
+                   num_key_value_heads=v.thinker_kv, head_dim=v.thinker_head_dim, moe_intermediate_size=16,
+                   num_experts=v.thinker_experts, num_experts_per_tok=v.thinker_top_k,
+                   norm_topk_prob=v.thinker_norm_topk_prob, decoder_sparse_step=v.thinker_sparse_step,
+                   mlp_only_layers=v.thinker_mlp_only,
+                   rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": v.thinker_mrope,
                                     "interleaved": True}, max_position_embeddings=512)
     audio = dict(num_mel_bins=128, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
                  output_dim=v.thinker_hidden, downsample_hidden_size=8, n_window=50)
-    vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=v.thinker_hidden,
-                  patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+    vision = dict(depth=max(2, max(v.deepstack_indexes) + 1), hidden_size=16, intermediate_size=32, num_heads=2,
+                  out_hidden_size=v.thinker_hidden, patch_size=16, num_position_embeddings=64,
+                  deepstack_visual_indexes=v.deepstack_indexes)
     thinker = dict(text_config=th_text, audio_config=audio, vision_config=vision, audio_token_id=ids["audio"],
                    image_token_id=ids["image"], video_token_id=ids["video"],
                    audio_start_token_id=ids["audio_start"], vision_start_token_id=ids["vision_start"],
@@ -167,7 +185,10 @@ def make_reference(v: Variant | str = "base"):
         for name, p in model.named_parameters():
             if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
                 p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-        # the router and the shared-expert gate get a real spread too
+        # the routers and the shared-expert gate get a real spread too
+        for layer in model.thinker.model.language_model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.weight.normal_(0, 1.0)
         for layer in model.talker.model.layers:
             layer.mlp.gate.weight.normal_(0, 1.0)
             layer.mlp.shared_expert_gate.weight.normal_(0, 0.3)

@@ -1,4 +1,4 @@
-"""Qwen3 decoder pieces shared by the Qwen3-Omni Talker and its code predictor.
+"""Qwen3 decoder pieces shared by the Qwen3-Omni Thinker (`moe.py`), Talker and code predictor.
 
 What is notable here:
 - Qwen3 attention: RMSNorm over each head's q and k (`q_norm`, `k_norm`, width head_dim) before RoPE, no
@@ -8,7 +8,6 @@ What is notable here:
   width axis when j % 3 == 2 and j < 3·section[2], else the temporal axis. (Qwen2.5's mrope gave each axis one
   contiguous block instead.) The reference interleaves whatever the config's `interleaved` flag says; so do we.
   The code predictor's plain RoPE is the same table with every frequency on the temporal axis.
-- The Thinker engineer's `thinker/moe.py` needs the same attention; when both land, one copy should go.
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ import tiny_qwen3 as tq
 from tiny_qwen3 import one_thread  # noqa: F401  (autouse)
 from omnivox.talker.code2wav import Code2Wav, Code2WavConfig, Code2WavState
 from omnivox.talker.code_predictor import predictor_sampling
-from omnivox.talker.qwen3_talker import (Qwen3Talker, Qwen3TalkerConfig, SparseMoE, talker_end_reply,
+from omnivox.talker.qwen3_talker import (Qwen3Talker, Qwen3TalkerConfig, talker_end_reply,
                                          talker_generate, talker_prefill, talker_push_reply, talker_sampling,
                                          talker_step)
+from omnivox.thinker.moe import SparseMoE
 from omnivox.thinker.sampling import Sampler
 
 I = tq.THINKER_IDS
