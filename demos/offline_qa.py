@@ -410,7 +410,7 @@ class Batch:
 
     def __init__(self, omni, args):
         from omnivox.cli import sampling_from_args, stream_options
-        from omnivox.streaming.pipeline import SPEECH_SYSTEM_PROMPT, GenerationOptions
+        from omnivox.streaming.pipeline import GenerationOptions, speech_system_prompt
 
         self.omni, self.args = omni, args
         self.speech = not args.no_audio
@@ -420,7 +420,8 @@ class Batch:
                                          max_codec_tokens=args.max_codec_tokens,
                                          talker_codec_prompt=args.talker_codec_prompt,
                                          token2wav=stream_options(args))
-        self.system = args.system if args.system is not None else (SPEECH_SYSTEM_PROMPT if self.speech else None)
+        self.system = args.system if args.system is not None else (speech_system_prompt(omni) if self.speech
+                                                                    else None)
         self.out_dir = Path(args.out_dir)
 
     def answer(self, index: int, item: Item) -> dict:

@@ -69,9 +69,10 @@ def size_text(n: int) -> str:
 
 
 def check_parts(root: Path, speech: bool = True) -> list[Part]:
-    """The parts of checkpoint directory `root`: config.json (a Qwen2.5-Omni one), the weights (every shard the
+    """The parts of checkpoint directory `root`: config.json (a Qwen2.5-Omni or Qwen3-Omni one), the weights (every shard the
     index names), the tokenizer (tokenizer.json or vocab.json + merges.txt), the processor config (audio, image
-    and video input), with `speech` the speakers (spk_dict.pt; not for a config without a talker), and the chat
+    and video input), with `speech` the speakers (spk_dict.pt, or for Qwen3-Omni the voices config.json names; not
+    for a config without a talker), and the chat
     template. Only config.json, the
     shard index and the template sources are read; the tensors are the loader's business."""
     from omnivox.config import OmniConfig
@@ -86,10 +87,15 @@ def check_parts(root: Path, speech: bool = True) -> list[Part]:
     else:
         try:
             cfg = OmniConfig.from_dir(root)
-            speaks = cfg.talker and cfg.token2wav and cfg.enable_audio_output
-            speech_note = "" if speaks else ", no talker: text only"
+            speech_note = "" if cfg.speaks else ", no talker: text only"
             speech = speech and not speech_note  # a text-only checkpoint needs no speakers (the loader says why)
             parts.append(Part("config", True, f"config.json ({cfg.model_type}{speech_note})"))
+            if cfg.family == "qwen3":   # its voices are named in config.json (talker_config.speaker_id)
+                voices = (cfg.talker or {}).get("speaker_id") or {}
+                if speech:
+                    parts.append(Part("speakers", bool(voices), f"{len(voices)} voices in config.json" if voices else
+                                      "config.json names no voices (talker_config.speaker_id)"))
+                speech = False
         except CheckpointError as e:
             parts.append(Part("config", False, str(e)))
 

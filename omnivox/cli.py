@@ -149,8 +149,8 @@ def stream_options(args):
 def cmd_ask(args) -> int:
     from omnivox.errors import InputError
     from omnivox.model import load
-    from omnivox.streaming.pipeline import (SPEECH_SYSTEM_PROMPT, AudioChunk, Done, GenerationOptions, TextDelta,
-                                            generate, resolve_speaker, user_messages)
+    from omnivox.streaming.pipeline import (AudioChunk, Done, GenerationOptions, TextDelta, generate,
+                                            resolve_speaker, speech_system_prompt, user_messages)
     for kind, paths in (("audio", args.audio), ("image", args.image), ("video", args.video)):
         for path in paths:
             if not os.path.isfile(path):
@@ -173,7 +173,7 @@ def cmd_ask(args) -> int:
                                 talker_sampling=talker_sampling, max_codec_tokens=args.max_codec_tokens,
                                 talker_codec_prompt=args.talker_codec_prompt,
                                 token2wav=stream_options(args))
-    system = args.system if args.system is not None else (SPEECH_SYSTEM_PROMPT if speech else None)
+    system = args.system if args.system is not None else (speech_system_prompt(omni) if speech else None)
     messages = user_messages(args.text, system, audios=args.audio, images=args.image, videos=args.video)
     done, wav = None, None
     try:
@@ -229,6 +229,10 @@ def cmd_serve(args) -> int:
     except OSError as e:
         raise InputError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     omni = load(args.model, device=resolve_device(args.device), dtype=args.dtype, audio=not args.no_audio)
+    if omni.config.family == "qwen3":
+        raise InputError(f"{omni.path} is a Qwen3-Omni checkpoint: `omnivox serve` runs Qwen2.5-Omni only so far "
+                         "(multi-turn sessions are not wired for Qwen3-Omni yet); `omnivox ask` and "
+                         "demos/offline_qa.py run it")
     limits = SessionLimits(max_session_s=args.max_session_seconds, max_output_tokens=args.max_output_tokens,
                            max_codec_tokens=args.max_codec_tokens, max_context_tokens=args.max_context_tokens)
     options = ServerOptions(host=args.host, port=args.port, api_key=args.api_key,

@@ -227,7 +227,7 @@ def model_nbytes(root: Path) -> int:
         from omnivox.model import build_meta
 
         cfg = OmniConfig.from_dir(root)
-        return loaded_nbytes(build_meta(cfg, audio_output=bool(cfg.talker and cfg.token2wav)),
+        return loaded_nbytes(build_meta(cfg, audio_output=cfg.speaks),
                              checkpoint_dtype(cfg.dtype))
     except Exception:
         return sum(f.stat().st_size for f in root.glob("*.safetensors"))

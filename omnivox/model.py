@@ -1,8 +1,8 @@
 """The whole checkpoint as one module tree, and `load()`.
 
 `OmniModel`'s parameter names are the raw checkpoint names (`thinker.model.*`, `thinker.audio_tower.*`,
-`thinker.visual.*`, `talker.*`, `token2wav.code2wav_dit_model.*`, `token2wav.code2wav_bigvgan_model.*`), so a
-checkpoint loads by strict name matching. Modules are built on the meta device and then filled tensor by tensor
+`thinker.visual.*`, `talker.*`, and `token2wav.code2wav_dit_model.*` + `token2wav.code2wav_bigvgan_model.*` for
+Qwen2.5-Omni or `code2wav.*` for Qwen3-Omni), so a checkpoint loads by strict name matching. Modules are built on the meta device and then filled tensor by tensor
 from memory-mapped safetensors, so peak memory stays near the size of the weights.
 """
 
@@ -33,10 +33,15 @@ class Token2Wav(nn.Module):
 
 
 class OmniModel(nn.Module):
-    """thinker (+ audio_tower, visual), and when audio output is on: talker and token2wav."""
+    """thinker (+ audio_tower, visual), and when audio output is on: talker and the vocoder (token2wav for
+    Qwen2.5-Omni, code2wav for Qwen3-Omni)."""
 
     def __init__(self, cfg: OmniConfig, audio_output: bool = True):
         super().__init__()
+        self.has_audio_output = audio_output
+        if cfg.family == "qwen3":
+            self._build_qwen3(cfg, audio_output)
+            return
         from omnivox.encoders.audio import AudioEncoder, AudioEncoderConfig
         from omnivox.encoders.vision import VisionEncoder, VisionEncoderConfig
         from omnivox.thinker.model import Thinker
@@ -44,7 +49,6 @@ class OmniModel(nn.Module):
         self.thinker = Thinker(cfg.text,
                                audio_tower=AudioEncoder(AudioEncoderConfig.from_dict(cfg.audio)),
                                visual=VisionEncoder(VisionEncoderConfig.from_dict(cfg.vision)))
-        self.has_audio_output = audio_output
         if audio_output:
             from omnivox.talker.bigvgan import BigVGAN, BigVGANConfig
             from omnivox.talker.dit import DiT, DiTConfig
@@ -54,6 +58,20 @@ class OmniModel(nn.Module):
             t2w = cfg.token2wav or {}
             self.token2wav = Token2Wav(DiT(DiTConfig.from_dict(t2w.get("dit_config") or {})),
                                        BigVGAN(BigVGANConfig.from_dict(t2w.get("bigvgan_config") or {})))
+
+    def _build_qwen3(self, cfg: OmniConfig, audio_output: bool) -> None:
+        from omnivox.encoders.aut import AuTConfig, AuTEncoder
+        from omnivox.encoders.qwen3_vision import Qwen3VisionConfig, Qwen3VisionEncoder
+        from omnivox.thinker.moe import MoEThinker
+
+        self.thinker = MoEThinker(cfg.text, audio_tower=AuTEncoder(AuTConfig.from_dict(cfg.audio)),
+                                  visual=Qwen3VisionEncoder(Qwen3VisionConfig.from_dict(cfg.vision)))
+        if audio_output:
+            from omnivox.talker.code2wav import Code2Wav, Code2WavConfig
+            from omnivox.talker.qwen3_talker import Qwen3Talker, Qwen3TalkerConfig
+
+            self.talker = Qwen3Talker(Qwen3TalkerConfig.from_config(cfg.raw))
+            self.code2wav = Code2Wav(Code2WavConfig.from_dict(cfg.code2wav or {}))
 
 
 @dataclass
@@ -82,6 +100,14 @@ class Omni:
     def token2wav(self):
         return getattr(self.model, "token2wav", None)
 
+    @property
+    def code2wav(self):
+        return getattr(self.model, "code2wav", None)
+
+    @property
+    def family(self) -> str:
+        return self.config.family
+
 
 def build_meta(cfg: OmniConfig, audio_output: bool) -> OmniModel:
     with torch.device("meta"), warnings.catch_warnings():
@@ -93,7 +119,7 @@ def build_meta(cfg: OmniConfig, audio_output: bool) -> OmniModel:
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          audio: bool = True) -> Omni:
-    """Load a Qwen2.5-Omni checkpoint (local directory or hub id).
+    """Load a Qwen2.5-Omni or Qwen3-Omni checkpoint (local directory or hub id).
 
     dtype: None/"auto" keeps the checkpoint's dtype (bf16 for the official files: half the memory of fp32, and
     decoding is memory-bound, so bf16 is faster on CPUs too); token2wav always runs in float32. audio=False loads
@@ -109,8 +135,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
         dtype = checkpoint_dtype(cfg.dtype)
     elif isinstance(dtype, str):
         dtype = checkpoint_dtype(dtype)
-    if audio and (not cfg.talker or not cfg.token2wav):
-        raise CheckpointError(f"{root} has no talker/token2wav config: speech output is not available "
+    if audio and not cfg.speaks:
+        vocoder = "code2wav" if cfg.family == "qwen3" else "token2wav"
+        raise CheckpointError(f"{root} has no talker/{vocoder} config: speech output is not available "
                               "(use --no-audio for text only)")
     ckpt = Checkpoint.open(root)
     if audio and not any(k.startswith("talker.") for k in ckpt.keys()):
@@ -118,10 +145,23 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
                               "(use --no-audio for text only)")
     model = build_meta(cfg, audio_output=audio)
     tied = {"thinker.lm_head.weight": "thinker.model.embed_tokens.weight"} if cfg.text.tie_word_embeddings else None
-    ignore = () if audio else ("talker.", "token2wav.")
+    ignore = () if audio else ("talker.", "token2wav.", "code2wav.")
     load_module(model, ckpt, "", dtype=dtype, device=device, tied=tied, ignore_prefixes=ignore)
     model.eval()
-    speakers = load_speakers(root / "spk_dict.pt") if audio else {}
+    if not audio:
+        speakers = {}
+    elif cfg.family == "qwen3":
+        speakers = qwen3_speakers(cfg.talker)
+    else:
+        speakers = load_speakers(root / "spk_dict.pt")
     tokenizer = Tokenizer.from_dir(root)
     return Omni(path=root, config=cfg, tokenizer=tokenizer, model=model, speakers=speakers, device=device,
                 dtype=dtype, load_s=time.perf_counter() - t0)
+
+
+def qwen3_speakers(talker_config: dict) -> dict[str, dict]:
+    """Qwen3-Omni's voices: `talker_config.speaker_id` {name: codec id} -> {Name: {"codec_id": id}}."""
+    ids = talker_config.get("speaker_id") or {}
+    if not isinstance(ids, dict) or not ids:
+        raise CheckpointError("config.json: talker_config.speaker_id names no voices (needed for speech output)")
+    return {str(name)[:1].upper() + str(name)[1:]: {"codec_id": int(code)} for name, code in ids.items()}

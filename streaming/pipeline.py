@@ -39,6 +39,12 @@ SPEECH_SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Tea
 SAMPLE_RATE = 24000
 
 
+def speech_system_prompt(omni) -> str | None:
+    """The system prompt a spoken answer gets when the caller gives none: Qwen2.5-Omni speaks only under its
+    official one; Qwen3-Omni needs none (the chat template's default applies)."""
+    return None if omni.config.family == "qwen3" else SPEECH_SYSTEM_PROMPT
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     max_new_tokens: int = 512
@@ -111,14 +117,22 @@ def user_messages(text: str, system: str | None = None, audios=(), images=(), vi
     return messages
 
 
+# the reference's default voice per family (Qwen2.5-Omni's generate: Chelsie; Qwen3-Omni's: Ethan)
+DEFAULT_SPEAKER = {"qwen2_5": "Chelsie", "qwen3": "Ethan"}
+
+
 def resolve_speaker(omni, name: str | None) -> tuple[str, dict]:
     speakers = omni.speakers or {}
     if not speakers:
         raise ValueError(f"{omni.path} has no speakers (spk_dict.pt): speech output is not available")
     if name is None:
-        name = "Chelsie" if "Chelsie" in speakers else sorted(speakers)[0]
+        dflt = DEFAULT_SPEAKER.get(getattr(omni.config, "family", "qwen2_5"), "Chelsie")
+        name = dflt if dflt in speakers else sorted(speakers)[0]
     if name not in speakers:
-        raise ValueError(f"unknown speaker {name!r}; available: {', '.join(sorted(speakers))}")
+        folded = {k.lower(): k for k in speakers}
+        if name.lower() not in folded:
+            raise ValueError(f"unknown speaker {name!r}; available: {', '.join(sorted(speakers))}")
+        name = folded[name.lower()]
     return name, speakers[name]
 
 
@@ -256,6 +270,53 @@ def check_options(omni, options: GenerationOptions) -> None:
             raise ValueError("speech output needs the Talker: load the checkpoint with audio=True")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The Thinker of either family: Qwen2.5-Omni's dense decoder (thinker/model.py) or Qwen3-Omni's MoE (thinker/moe.py)
+
+
+def allocate_cache(omni, max_len: int) -> KVCache:
+    param = next(omni.thinker.parameters())
+    if omni.config.family == "qwen3":
+        from omnivox.thinker.moe import allocate
+
+        return allocate(omni.thinker, max_len, device=omni.device, dtype=param.dtype)
+    return KVCache.allocate(omni.config.text, batch=1, max_len=max_len, device=omni.device, dtype=param.dtype)
+
+
+def thinker_prefill(omni, cache: KVCache, embeds: torch.Tensor, positions: torch.Tensor):
+    """-> (logits (1, V) of the last row, what the Talker reads of the rows (1, T, H)): Qwen2.5's Talker reads the
+    final hidden states, Qwen3's the hidden states after its `accept_hidden_layer`."""
+    if omni.config.family == "qwen3":
+        from omnivox.thinker import moe
+
+        talker = omni.talker
+        keep = talker.cfg.accept_hidden_layer if talker is not None else None
+        logits, hidden, kept = moe.prefill(omni.thinker, cache, embeds, positions, keep_layer=keep)
+        return logits, (kept if kept is not None else hidden)
+    return prefill(omni.thinker, cache, embeds, positions)
+
+
+def thinker_decode(omni, cache: KVCache, token_ids: torch.Tensor, positions: torch.Tensor):
+    """One fed token -> (logits (1, V), hidden (1, H))."""
+    if omni.config.family == "qwen3":
+        from omnivox.thinker import moe
+
+        logits, hidden, _ = moe.decode_step(omni.thinker, cache, token_ids, positions)
+        return logits, hidden
+    return decode_step(omni.thinker, cache, token_ids, positions)
+
+
+def new_speech(omni, options: GenerationOptions, prompt_ids: torch.Tensor, prompt_positions: torch.Tensor,
+               prompt_hidden: torch.Tensor):
+    """The speech side of one utterance for the checkpoint's family."""
+    if omni.config.family == "qwen3":
+        from omnivox.streaming.qwen3_speech import Qwen3Speech
+
+        return Qwen3Speech(omni, options, prompt_ids, prompt_hidden, resolve_speaker(omni, options.speaker)[1],
+                           _observed)
+    return Speech(omni, options, prompt_ids, prompt_positions, prompt_hidden)
+
+
 class _ReplyThinker:
     """The Thinker side of one reply: `sample` a token, then `feed` it back (unless it ended the reply).
 
@@ -301,7 +362,7 @@ class _ReplyThinker:
 
 
 def decode_reply(omni, options: GenerationOptions, logits: torch.Tensor, prompt_ids: torch.Tensor, feed,
-                 speech: Speech | None, t0: float, out_ids: list[int]) -> Iterator[TextDelta | AudioChunk | Done]:
+                 speech, t0: float, out_ids: list[int]) -> Iterator[TextDelta | AudioChunk | Done]:
     """The sample / feed loop of one reply, shared by `generate` and `Conversation.respond`.
 
     logits (1, V): the prompt's last position; prompt_ids (1, T): what the repetition penalty sees before the reply;
@@ -412,34 +473,35 @@ def _same_grad_mode(fn):
 def generate(omni, messages: list[dict], options: GenerationOptions) -> Iterator[TextDelta | AudioChunk | Done]:
     check_options(omni, options)
     t0 = time.perf_counter()
-    thinker = omni.thinker
-    cfg = omni.config.text
     prompt = build_prompt(omni, messages, use_audio_in_video=options.use_audio_in_video)
     n = prompt.length
     total = n + options.max_new_tokens
-    if total > cfg.max_position_embeddings:
+    context = omni.config.max_positions
+    if total > context:
         raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({options.max_new_tokens}) exceeds the "
-                         f"model's context of {cfg.max_position_embeddings} tokens")
+                         f"model's context of {context} tokens")
     device = omni.device
-    param = next(thinker.parameters())
-    cache = KVCache.allocate(cfg, batch=1, max_len=total, device=device, dtype=param.dtype)
+    cache = allocate_cache(omni, total)
 
-    prefixes = getattr(omni, "prefix_cache", None) if options.reuse_prefix else None
+    # the prefix cache keeps Qwen2.5's final hidden states; Qwen3's Talker reads another layer: not shared yet
+    reuse = options.reuse_prefix and omni.config.family != "qwen3"
+    prefixes = getattr(omni, "prefix_cache", None) if reuse else None
     media = media_ids(omni)
     entry, reused = prefixes.match(prompt.input_ids, media, thinker=True) if prefixes is not None else (None, 0)
     if entry is not None:                           # rows [0, reused) as an earlier request computed them
         head = prefixes.restore(entry, reused, cache)                                          # (1, reused, H)
-        logits, rest = prefill(thinker, cache, prompt.inputs_embeds[:, reused:],
-                               prompt.position_ids[:, :, reused:])                             # (1,V), (1,T-r,H)
+        logits, rest = thinker_prefill(omni, cache, prompt.inputs_embeds[:, reused:],
+                                       prompt.position_ids[:, :, reused:])                     # (1,V), (1,T-r,H)
         prompt_hidden = torch.cat([head.to(rest.dtype), rest], dim=1)                          # (1, T, H)
     else:
-        logits, prompt_hidden = prefill(thinker, cache, prompt.inputs_embeds, prompt.position_ids)  # (1,V), (1,T,H)
+        logits, prompt_hidden = thinker_prefill(omni, cache, prompt.inputs_embeds, prompt.position_ids)
     if prefixes is not None:
         prefixes.store(prompt.input_ids, cache, prompt_hidden, media)
-    speech = Speech(omni, options, prompt.input_ids, prompt.position_ids, prompt_hidden) if options.audio else None
+    speech = new_speech(omni, options, prompt.input_ids, prompt.position_ids, prompt_hidden) \
+        if options.audio else None
 
     def feed(next_id: torch.Tensor, index: int):
-        return decode_step(thinker, cache, next_id, text_positions(index + prompt.rope_delta, 1, 1, device))
+        return thinker_decode(omni, cache, next_id, text_positions(index + prompt.rope_delta, 1, 1, device))
 
     yield from decode_reply(omni, options, logits, prompt.input_ids, feed, speech, t0, [])
 

@@ -37,6 +37,10 @@ def build_prompt(omni, messages: list[dict], *, use_audio_in_video: bool = False
     if has_media(messages):
         from omnivox.streaming.media import build_media_prompt
 
+        if omni.config.family == "qwen3":
+            raise ValueError("audio, image and video input are not wired for Qwen3-Omni checkpoints yet (its "
+                             "encoders are: encoders/aut.py, encoders/qwen3_vision.py); ask with text only")
+
         return build_media_prompt(omni, messages, use_audio_in_video=use_audio_in_video)
     ids = omni.tokenizer.encode(omni.tokenizer.render_chat(messages, add_generation_prompt=True))
     if not ids:

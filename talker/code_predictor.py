@@ -25,7 +25,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from omnivox.thinker.qwen3_layers import (Qwen3Attention, Qwen3DecoderConfig, allocate_cache, check_rows,
+from omnivox.thinker.config import Qwen3DecoderConfig
+from omnivox.thinker.qwen3_layers import (Qwen3Attention, allocate_cache, check_rows,
                                          rope_axes, rope_cos_sin, rope_inv_freq)
 from omnivox.thinker.model import KVCache, MLP, RMSNorm, text_positions
 from omnivox.thinker.sampling import SamplingParams

@@ -54,9 +54,10 @@ from torch import Tensor, nn
 
 from omnivox.talker.code_predictor import CodePredictor, CodePredictorConfig, predict_residual_codes
 from omnivox.talker.model import next_reply_row, talker_end_reply  # talker_end_reply: also this module's API
+from omnivox.thinker.config import MoEConfig, Qwen3DecoderConfig
 from omnivox.thinker.model import KVCache, RMSNorm, text_positions
-from omnivox.thinker.moe import MoEConfig, SparseMoE
-from omnivox.thinker.qwen3_layers import (Qwen3Attention, Qwen3DecoderConfig, allocate_cache, check_rows,
+from omnivox.thinker.moe import SparseMoE
+from omnivox.thinker.qwen3_layers import (Qwen3Attention, allocate_cache, check_rows,
                                           rope_axes, rope_cos_sin, rope_inv_freq)
 from omnivox.thinker.sampling import SamplingParams
 

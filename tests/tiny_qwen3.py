@@ -90,12 +90,12 @@ def codec_ids(v: Variant) -> dict:
                 speakers={"ethan": c + 250, "chelsie": c + 251, "aiden": c + 252})
 
 
-def build_config(v: Variant):
+def build_config(v: Variant, ids: dict | None = None, vocab: int | None = None):
     from transformers import Qwen3OmniMoeConfig
 
-    ids = THINKER_IDS
+    ids = ids or THINKER_IDS
     cid = codec_ids(v)
-    th_text = dict(vocab_size=THINKER_VOCAB, hidden_size=v.thinker_hidden, intermediate_size=64,
+    th_text = dict(vocab_size=vocab or THINKER_VOCAB, hidden_size=v.thinker_hidden, intermediate_size=64,
                    num_hidden_layers=v.thinker_layers, num_attention_heads=v.thinker_heads,
                    num_key_value_heads=v.thinker_kv, head_dim=v.thinker_head_dim, moe_intermediate_size=16,
                    num_experts=v.thinker_experts, num_experts_per_tok=v.thinker_top_k,
@@ -167,13 +167,13 @@ def strengthen_code2wav(code2wav, seed: int, gain: float = 0.5) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * gain * (1.0 / p[0].numel()) ** 0.5)
 
 
-def make_reference(v: Variant | str = "base"):
+def make_reference(v: Variant | str = "base", ids: dict | None = None, vocab: int | None = None):
     """The reference model in fp32 eval mode, heads scaled, Code2Wav strengthened."""
     from transformers import Qwen3OmniMoeForConditionalGeneration
 
     v = VARIANTS[v] if isinstance(v, str) else v
     torch.manual_seed(v.seed)
-    model = Qwen3OmniMoeForConditionalGeneration(build_config(v)).float().eval()
+    model = Qwen3OmniMoeForConditionalGeneration(build_config(v, ids, vocab)).float().eval()
     with torch.no_grad():
         model.talker.codec_head.weight.mul_(v.head_scale)
         for head in model.talker.code_predictor.lm_head:
@@ -222,3 +222,50 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A whole checkpoint on disk (what `omnivox.load` reads): weights, config, tokenizer, processor files
+
+QWEN3_SPECIALS = ["<|audio_start|>", "<|audio_end|>", "<|audio_pad|>", "<|image_pad|>", "<|video_pad|>",
+                  "<|vision_start|>", "<|vision_end|>"]
+
+
+def build_tokenizer():
+    """tests/tiny.py's byte-level BPE plus Qwen3-Omni's media specials and the role words as whole tokens;
+    returns (tokenizers.Tokenizer, THINKER_IDS-style {name: id})."""
+    import tiny
+
+    tok, _ = tiny.build_tokenizer()
+    tok.add_special_tokens(QWEN3_SPECIALS)
+    tok.add_tokens(["system", "user", "assistant"])
+    tid = tok.token_to_id
+    ids = dict(im_start=tid("<|im_start|>"), im_end=tid("<|im_end|>"), system=tid("system"), user=tid("user"),
+               assistant=tid("assistant"), tts_pad=tid("<tts_pad>"), tts_bos=tid("<tts_text_bos>"),
+               tts_eos=tid("<tts_text_eod>"), audio=tid("<|audio_pad|>"), image=tid("<|image_pad|>"),
+               video=tid("<|video_pad|>"), audio_start=tid("<|audio_start|>"), audio_end=tid("<|audio_end|>"),
+               vision_start=tid("<|vision_start|>"), vision_end=tid("<|vision_end|>"),
+               newline=tok.encode("\n").ids[0])
+    assert all(isinstance(i, int) for i in ids.values()), ids
+    return tok, ids
+
+
+def make_checkpoint(out, variant: Variant | str = "base"):
+    """Write a tiny Qwen3-Omni checkpoint into `out` the way the official one is laid out; returns
+    (reference model, {name: id})."""
+    from pathlib import Path
+
+    from transformers import PreTrainedTokenizerFast, WhisperFeatureExtractor
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok, ids = build_tokenizer()
+    model = make_reference(variant, ids, vocab=tok.get_vocab_size())
+    model.generation_config.eos_token_id = [ids["im_end"], tok.token_to_id("<|endoftext|>")]
+    model.generation_config.pad_token_id = tok.token_to_id("<|endoftext|>")
+    model.save_pretrained(str(out))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(str(out))
+    WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=300, n_fft=400,
+                            padding_value=0.0, return_attention_mask=True).save_pretrained(str(out))
+    return model, ids

@@ -27,31 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from omnivox.thinker.config import MoEConfig, MoEThinkerConfig
 from omnivox.thinker.model import MLP, KVCache, RMSNorm
-from omnivox.thinker.qwen3_layers import (Qwen3Attention, Qwen3DecoderConfig, allocate_cache, check_rows,
-                                          rope_axes, rope_cos_sin, rope_inv_freq)
-
-
-@dataclass(frozen=True)
-class MoEConfig:
-    num_experts: int
-    top_k: int                      # num_experts_per_tok
-    intermediate_size: int          # moe_intermediate_size, per expert
-    shared_intermediate_size: int   # shared_expert_intermediate_size (0: no shared expert)
-    norm_topk_prob: bool            # renormalise the top-k router weights to sum to 1
-
-    @classmethod
-    def from_dict(cls, d: dict, what: str) -> MoEConfig:
-        try:
-            moe = cls(num_experts=int(d.get("num_local_experts", d.get("num_experts", 0))),
-                      top_k=int(d["num_experts_per_tok"]), intermediate_size=int(d["moe_intermediate_size"]),
-                      shared_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
-                      norm_topk_prob=bool(d.get("norm_topk_prob", False)))
-        except KeyError as e:
-            raise ValueError(f"{what} lacks {e}") from None
-        if moe.num_experts and not 1 <= moe.top_k <= moe.num_experts:
-            raise ValueError(f"{what}: num_experts_per_tok {moe.top_k} must be in 1..num_experts {moe.num_experts}")
-        return moe
+from omnivox.thinker.qwen3_layers import (Qwen3Attention, allocate_cache, check_rows, rope_axes, rope_cos_sin,
+                                          rope_inv_freq)
 
 
 class SparseMoE(nn.Module):
@@ -92,33 +71,6 @@ class SparseMoE(nn.Module):
         if self.moe.shared_intermediate_size:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # (N, H)
         return out
-
-
-@dataclass(frozen=True)
-class MoEThinkerConfig:
-    decoder: Qwen3DecoderConfig       # intermediate_size: the dense layers' MLP width
-    moe: MoEConfig
-    sparse_layers: tuple[bool, ...]   # per layer: routed experts (True) or the dense MLP
-    tie_word_embeddings: bool = False
-
-    @classmethod
-    def from_dict(cls, text: dict, tie_word_embeddings: bool | None = None) -> MoEThinkerConfig:
-        """From thinker_config.text_config (v4 or v5 spelling)."""
-        what = "thinker_config.text_config"
-        dec = Qwen3DecoderConfig.from_dict(text, what)
-        if dec.mrope_section is None:
-            raise ValueError(f"{what}: the Qwen3-Omni Thinker needs multimodal RoPE (rope mrope_section)")
-        if text.get("use_qk_norm") is False:
-            raise ValueError(f"{what}: use_qk_norm false is not a Qwen3-Omni Thinker")
-        moe = MoEConfig.from_dict(text, what)
-        if moe.shared_intermediate_size:
-            raise ValueError(f"{what}: the Qwen3-Omni Thinker has no shared expert "
-                             f"(shared_expert_intermediate_size {moe.shared_intermediate_size})")
-        step = int(text.get("decoder_sparse_step", 1) or 1)
-        dense = {int(i) for i in text.get("mlp_only_layers") or []}
-        sparse = tuple(moe.num_experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(dec.num_layers))
-        tie = text.get("tie_word_embeddings", False) if tie_word_embeddings is None else tie_word_embeddings
-        return cls(decoder=dec, moe=moe, sparse_layers=sparse, tie_word_embeddings=bool(tie))
 
 
 @dataclass

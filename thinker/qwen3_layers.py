@@ -12,63 +12,12 @@ What is notable here:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omnivox.thinker.config import rope_settings
+from omnivox.thinker.config import Qwen3DecoderConfig
 from omnivox.thinker.model import KVCache, RMSNorm
-
-
-@dataclass(frozen=True)
-class Qwen3DecoderConfig:
-    """The attention/embedding numbers of one Qwen3 decoder (the Talker's text_config, the code predictor)."""
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    mrope_section: tuple[int, ...] | None  # None: plain RoPE
-    attention_bias: bool = False
-    max_position_embeddings: int = 32768
-
-    @classmethod
-    def from_dict(cls, d: dict, what: str) -> "Qwen3DecoderConfig":
-        theta, section, rope_type = rope_settings(d)
-        if rope_type not in ("default", "mrope"):
-            raise ValueError(f"{what}: unsupported rope type {rope_type!r}")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{what}: unsupported hidden_act {d.get('hidden_act')!r}")
-        if d.get("use_sliding_window") or any(t != "full_attention" for t in d.get("layer_types") or []):
-            raise ValueError(f"{what}: sliding-window layers are not supported (no Qwen3-Omni checkpoint has them)")
-        try:
-            heads = int(d["num_attention_heads"])
-            cfg = cls(
-                vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
-                intermediate_size=int(d["intermediate_size"]), num_layers=int(d["num_hidden_layers"]),
-                num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads),
-                head_dim=int(d.get("head_dim") or int(d["hidden_size"]) // heads),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=theta,
-                mrope_section=tuple(int(s) for s in section) if section is not None else None,
-                attention_bias=bool(d.get("attention_bias", False)),
-                max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
-            )
-        except KeyError as e:
-            raise ValueError(f"{what} lacks {e}") from None
-        if cfg.num_heads % cfg.num_kv_heads:
-            raise ValueError(f"{what}: num_attention_heads {cfg.num_heads} is not a multiple of num_key_value_heads "
-                             f"{cfg.num_kv_heads}")
-        if cfg.head_dim % 2:
-            raise ValueError(f"{what}: head_dim {cfg.head_dim} must be even (RoPE)")
-        if cfg.mrope_section is not None and sum(cfg.mrope_section) * 2 != cfg.head_dim:
-            raise ValueError(f"{what}: mrope_section {list(cfg.mrope_section)} does not cover head_dim {cfg.head_dim}")
-        return cfg
 
 
 def allocate_cache(cfg: Qwen3DecoderConfig, max_len: int, device=None, dtype=torch.float32) -> KVCache:

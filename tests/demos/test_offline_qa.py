@@ -321,12 +321,12 @@ def test_sampling_flags_are_the_ones_of_omnivox_ask(qa):
     args = qa.parse_args(["--model", "m", "--question", "Q", "a.wav", "--temperature", "0.7", "--top-p", "0.9",
                           "--top-k", "20", "--seed", "3", "--repetition-penalty", "1.2", "--talker-codec-prompt",
                           "--fast-start"])
-    batch = qa.Batch(SimpleNamespace(config=SimpleNamespace(generation={})), args)
+    batch = qa.Batch(SimpleNamespace(config=SimpleNamespace(generation={}, family="qwen2_5")), args)
     s, t = batch.options.sampling, batch.options.talker_sampling
     assert (s.greedy, s.temperature, s.top_p, s.top_k, s.seed, s.repetition_penalty) == (False, 0.7, 0.9, 20, 3, 1.2)
     assert (t.seed, t.repetition_penalty) == (3, 1.2)
     assert batch.options.talker_codec_prompt and batch.options.token2wav.first_steps == 4
-    greedy = qa.Batch(SimpleNamespace(config=SimpleNamespace(generation={})),
+    greedy = qa.Batch(SimpleNamespace(config=SimpleNamespace(generation={}, family="qwen2_5")),
                       qa.parse_args(["--model", "m", "--question", "Q", "a.wav", "--greedy"]))
     assert greedy.options.sampling.greedy and greedy.options.talker_sampling.greedy
     assert greedy.options.token2wav is None

@@ -17,8 +17,8 @@ import torch
 
 import tiny_qwen3 as tq
 from tiny_qwen3 import one_thread  # noqa: F401  (autouse)
-from omnivox.thinker.moe import (Deepstack, MoEThinker, MoEThinkerConfig, SparseMoE, allocate, decode_step,
-                                 prefill)
+from omnivox.thinker.config import MoEThinkerConfig
+from omnivox.thinker.moe import Deepstack, MoEThinker, SparseMoE, allocate, decode_step, prefill
 
 REAL_CONFIG = "/work/shared/configs/qwen3-omni-30b-a3b-instruct.config.json"
 TOL = 1e-4
