@@ -10,6 +10,7 @@ Heads are scaled (`head_scale`) so greedy choices are not decided by rounding no
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -269,3 +270,26 @@ def make_checkpoint(out, variant: Variant | str = "base"):
     WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=300, n_fft=400,
                             padding_value=0.0, return_attention_mask=True).save_pretrained(str(out))
     return model, ids
+
+
+_FUSED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def stored_names(state: dict[str, tuple]) -> dict[str, tuple]:
+    """Reference module names/shapes -> checkpoint names/shapes: the reference holds a layer's experts fused
+    (`experts.gate_up_proj` (E, 2I, H), `experts.down_proj` (E, H, I)), its files store them per expert."""
+    out = {}
+    for name, shape in state.items():
+        m = _FUSED.match(name)
+        if not m:
+            out[name] = shape
+            continue
+        base, kind = m.groups()
+        e, rows, cols = shape
+        for i in range(e):
+            if kind == "gate_up_proj":
+                out[f"{base}.{i}.gate_proj.weight"] = (rows // 2, cols)
+                out[f"{base}.{i}.up_proj.weight"] = (rows // 2, cols)
+            else:
+                out[f"{base}.{i}.down_proj.weight"] = (rows, cols)
+    return out

@@ -3,13 +3,12 @@ device with exactly the parameter names and shapes the checkpoint stores under `
 
 The reference's modules hold each layer's experts fused (`experts.gate_up_proj` (E, 2I, H), `experts.down_proj`
 (E, H, I)); its checkpoints store them per expert (`experts.{e}.gate_proj.weight` ...), and `save_pretrained`
-writes them that way too. `_stored_names` applies that rule; the tiny checkpoint test checks the rule against
+writes them that way too. `tiny_qwen3.stored_names` applies that rule; the tiny checkpoint test checks the rule against
 the files save_pretrained actually writes.
 """
 
 import copy
 import json
-import re
 
 import pytest
 import torch
@@ -20,28 +19,6 @@ from omnivox.talker.code2wav import Code2Wav, Code2WavConfig
 from omnivox.talker.qwen3_talker import Qwen3Talker, Qwen3TalkerConfig
 
 REAL_CONFIG = "/work/shared/configs/qwen3-omni-30b-a3b-instruct.config.json"
-_FUSED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-
-
-def _stored_names(state: dict[str, tuple]) -> dict[str, tuple]:
-    """Reference module names/shapes -> checkpoint names/shapes (experts split per expert)."""
-    out = {}
-    for name, shape in state.items():
-        m = _FUSED.match(name)
-        if not m:
-            out[name] = shape
-            continue
-        base, kind = m.groups()
-        e, rows, cols = shape
-        for i in range(e):
-            if kind == "gate_up_proj":
-                out[f"{base}.{i}.gate_proj.weight"] = (rows // 2, cols)
-                out[f"{base}.{i}.up_proj.weight"] = (rows // 2, cols)
-            else:
-                out[f"{base}.{i}.down_proj.weight"] = (rows, cols)
-    return out
-
-
 def _shapes(module, prefix):
     return {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
 
@@ -59,7 +36,7 @@ def test_real_config_builds_on_meta_with_the_reference_names_and_shapes():
         talker = Qwen3Talker(Qwen3TalkerConfig.from_config(d))
         c2w = Code2Wav(Code2WavConfig.from_dict(d["code2wav_config"]))
     assert all(p.is_meta for p in talker.parameters()) and all(p.is_meta for p in c2w.parameters())
-    want_talker = _stored_names(_shapes(ref_talker, "talker."))
+    want_talker = tq.stored_names(_shapes(ref_talker, "talker."))
     got_talker = _shapes(talker, "talker.")
     assert got_talker == want_talker, (sorted(set(got_talker) ^ set(want_talker))[:6])
     assert _shapes(c2w, "code2wav.") == _shapes(ref_c2w, "code2wav.")
@@ -136,4 +113,4 @@ def test_tiny_checkpoint_files_hold_exactly_our_names(tmp_path):
     assert ours == saved
     # and the per-expert rule above is what save_pretrained does
     ref_names = {**_shapes(ref.talker, "talker."), **_shapes(ref.code2wav, "code2wav.")}
-    assert _stored_names(ref_names) == saved
+    assert tq.stored_names(ref_names) == saved

@@ -10,7 +10,6 @@ the Talker reads (`keep_layer`).
 
 import copy
 import json
-import re
 
 import pytest
 import torch
@@ -191,26 +190,6 @@ def test_bad_input_gives_clear_errors(pair):
 # the real config
 
 
-_FUSED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-
-
-def _stored(state: dict) -> dict:
-    out = {}
-    for name, shape in state.items():
-        m = _FUSED.match(name)
-        if not m:
-            out[name] = shape
-            continue
-        base, kind = m.groups()
-        e, rows, cols = shape
-        for i in range(e):
-            if kind == "gate_up_proj":
-                out[f"{base}.{i}.gate_proj.weight"] = out[f"{base}.{i}.up_proj.weight"] = (rows // 2, cols)
-            else:
-                out[f"{base}.{i}.down_proj.weight"] = (rows, cols)
-    return out
-
-
 def test_real_config_builds_on_meta_with_the_reference_names_and_shapes():
     from transformers import Qwen3OmniMoeConfig
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextModel
@@ -221,7 +200,7 @@ def test_real_config_builds_on_meta_with_the_reference_names_and_shapes():
     with torch.device("meta"):
         ref = Qwen3OmniMoeThinkerTextModel._from_config(ref_cfg.thinker_config.text_config)
         ours = MoEThinker(MoEThinkerConfig.from_dict(text, d["thinker_config"]["tie_word_embeddings"]))
-    want = _stored({"model." + k: tuple(v.shape) for k, v in ref.state_dict().items()})
+    want = tq.stored_names({"model." + k: tuple(v.shape) for k, v in ref.state_dict().items()})
     want["lm_head.weight"] = (text["vocab_size"], text["hidden_size"])
     got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert got == want, sorted(set(got) ^ set(want))[:6]
